@@ -1,0 +1,204 @@
+"""Every config key of emo_jax: its default, its meaning, and its validation.
+
+This is the one place a key is defined. Config files (`configs/*.py`) start from
+`default_config()` and override values; `validate(config)` is called by every entry point before
+anything is built and raises `ConfigError` with one sentence naming the key and what is valid.
+A key that is not here does not exist (the config is locked after loading).
+
+Sections: `model.*` (the Transformer), `moe.*` (experts and EMO routing), `data.*` (the Grain
+pipeline), `train.*` (optimiser, schedule, loop), `mesh.*` (device mesh and sharding rules),
+`checkpoint.*` (Orbax).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config key has an invalid value; the message names the key and what is valid."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The defaults: a tiny byte-level EMO model that trains on a CPU."""
+    c = ml_collections.ConfigDict()
+
+    c.model = m = ml_collections.ConfigDict()
+    m.vocab_size = 264  # must cover the tokenizer's ids (byte tokenizer: 256 bytes + 8 specials)
+    m.d_model = 128  # residual stream width
+    m.num_layers = 4  # Transformer blocks (each: attention + MoE), scanned with nnx.scan
+    m.num_heads = 4  # query heads
+    m.num_kv_heads = 4  # key/value heads (grouped-query attention when < num_heads)
+    m.head_dim = 32  # per-head width
+    m.rope_theta = 10_000.0  # RoPE base frequency
+    m.norm_eps = 1e-6  # RMSNorm epsilon
+    m.qk_norm = False  # RMSNorm on queries and keys per head (off in the reference)
+    m.init_std = 0.02  # std of the normal initialiser of every weight matrix
+    m.compute_dtype = "float32"  # matmul dtype: 'float32' | 'bfloat16' (params stay float32)
+    m.remat = "none"  # activation rematerialisation per block: 'none' | 'full' | 'dots'
+
+    c.moe = e = ml_collections.ConfigDict()
+    e.num_experts = 32  # experts per layer, shared ones included (R = num_experts - shared)
+    e.num_shared_experts = 0  # always-on experts, added with weight 1.0
+    e.top_k = 4  # routed experts per token
+    e.expert_hidden = 128  # SwiGLU hidden width of one expert
+    e.pool = "document"  # 'document' (EMO) | 'none' (standard MoE)
+    e.pool_min = 4  # smallest document pool, drawn uniformly in [pool_min, pool_max]
+    e.pool_max = 32  # largest document pool (>= routed experts means: sometimes unrestricted)
+    e.eval_pool = 0  # fixed pool size when not training; 0 = no pool (plain top-k)
+    e.balance_weight = 0.1  # total load-balance loss weight, split evenly over layers
+    e.router_z_weight = 0.001  # total router z-loss weight, split evenly over layers
+    # Over what the balance statistics are summed before the loss is formed:
+    # 'global' (whole global batch, all micro-batches of a step), 'micro_batch' (each
+    # accumulation micro-step separately: the reference), 'local' (each device shard: ablation),
+    # 'sequence' (each packed row: ablation).
+    e.balance_scope = "global"
+    # Local grouped expert matmul: 'auto' (ragged_dot where native: TPU/GPU; else 'blocked'),
+    # 'ragged_dot', 'blocked' (portable, dropless: expert groups padded to block_size).
+    e.grouped_matmul = "auto"
+    e.block_size = 32  # rows per block of the 'blocked' grouped matmul
+    # Expert-parallel dispatch when mesh.expert > 1: 'auto' (ragged where the backend has
+    # ragged_all_to_all, else capacity), 'capacity' (all_to_all on capacity buffers, may drop),
+    # 'ragged' (dropless ragged_all_to_all).
+    e.dispatch = "auto"
+    e.capacity_factor = 2.0  # capacity buffers hold capacity_factor * fair share of assignments
+
+    c.data = d = ml_collections.ConfigDict()
+    d.train_sources = ""  # sources spec (see emo_jax/data/sources.py); '' = the bundled corpus
+    d.eval_sources = ""  # held-out sources spec; '' = the bundled corpus's eval split
+    d.text_field = "text"  # JSON key holding a document's text
+    d.tokenizer = "byte"  # 'byte' | 'sentencepiece:PATH' | 'hf:PATH/tokenizer.json'
+    d.seq_len = 256  # tokens per packed row
+    d.batch_size = 16  # global batch, in rows (split over hosts, then over devices)
+    d.packing = "first_fit"  # 'first_fit' | 'best_fit' | 'concat_then_split'
+    d.packing_bins = 16  # rows packed at once by first_fit / best_fit
+    d.shuffle = True  # shuffle documents every epoch
+    d.seed = 0  # data order seed (independent of the model seed)
+    d.num_epochs = 0  # 0 = repeat forever
+    d.worker_count = 0  # Grain multiprocess workers (0 = in-process)
+    d.prefetch = 2  # batches prefetched
+    d.on_bad_record = "skip"  # 'skip' (count it) | 'error'
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 200  # optimiser steps
+    t.seed = 0  # parameter init and routing-pool seed
+    t.lr = 3e-3  # peak learning rate
+    t.warmup_steps = 20  # linear warm-up steps
+    t.schedule = "cosine"  # decay after warm-up: 'cosine' | 'linear' | 'constant'
+    t.final_lr_fraction = 0.1  # learning rate at the end of the decay, as a fraction of peak
+    t.anneal_steps = 0  # extra final steps annealed linearly to 0 (0 = none)
+    t.b1 = 0.9
+    t.b2 = 0.95
+    t.weight_decay = 0.1  # AdamW decay, masked off embeddings and norms
+    t.clip_norm = 1.0  # global gradient-norm clip (0 = off)
+    t.micro_batches = 1  # gradient accumulation: micro-batches per step
+    t.output_z_weight = 1e-5  # output-logit z-loss weight
+    t.eval_every = 100  # evaluate every N steps (0 = only at the end)
+    t.eval_batches = 4  # batches per evaluation
+    t.log_every = 10  # metric lines every N steps
+    t.max_bad_steps = 5  # stop after this many consecutive non-finite steps
+
+    c.mesh = s = ml_collections.ConfigDict()
+    s.data = -1  # data-parallel axis size (-1 = the devices left over)
+    s.fsdp = 1  # fully-sharded axis size
+    s.expert = 1  # expert-parallel axis size (must divide the routed experts)
+
+    c.checkpoint = k = ml_collections.ConfigDict()
+    k.every = 100  # save every N steps (and at the end, and on SIGTERM/SIGINT)
+    k.keep = 3  # checkpoints kept
+    k.async_save = True  # save in the background while training continues
+    return c
+
+
+_CHOICES = {
+    "model.compute_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
+    "moe.pool": ("document", "none"),
+    "moe.balance_scope": ("global", "micro_batch", "local", "sequence"),
+    "moe.grouped_matmul": ("auto", "ragged_dot", "blocked"),
+    "moe.dispatch": ("auto", "capacity", "ragged"),
+    "data.packing": ("first_fit", "best_fit", "concat_then_split"),
+    "data.on_bad_record": ("skip", "error"),
+    "train.schedule": ("cosine", "linear", "constant"),
+}
+
+_POSITIVE = (
+    "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
+    "model.num_kv_heads", "model.head_dim", "model.rope_theta", "model.norm_eps",
+    "moe.num_experts", "moe.top_k", "moe.expert_hidden", "moe.pool_min", "moe.pool_max",
+    "moe.block_size", "moe.capacity_factor", "data.seq_len", "data.batch_size",
+    "data.packing_bins", "train.steps", "train.lr", "train.micro_batches", "train.log_every",
+    "train.eval_batches", "train.max_bad_steps", "checkpoint.every", "checkpoint.keep",
+)
+
+_NON_NEGATIVE = (
+    "model.init_std", "moe.num_shared_experts", "moe.eval_pool", "moe.balance_weight",
+    "moe.router_z_weight", "data.num_epochs", "data.worker_count", "data.prefetch",
+    "train.warmup_steps", "train.final_lr_fraction", "train.anneal_steps", "train.weight_decay",
+    "train.clip_norm", "train.output_z_weight", "train.eval_every",
+)
+
+
+def _get(config, dotted):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _require(condition: bool, message: str):
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks every key; returns the config unchanged or raises ConfigError (one sentence)."""
+    known = default_config()
+    for section in known.keys():
+        _require(section in config, f"config section '{section}' is missing")
+        for key in config[section].keys():
+            _require(key in known[section], f"unknown config key '{section}.{key}'; valid keys "
+                     f"of '{section}': {', '.join(sorted(known[section].keys()))}")
+        for key in known[section].keys():
+            _require(key in config[section], f"config key '{section}.{key}' is missing")
+    for key, choices in _CHOICES.items():
+        value = _get(config, key)
+        _require(value in choices, f"config key '{key}' is {value!r}; valid: {', '.join(choices)}")
+    for key in _POSITIVE:
+        value = _get(config, key)
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                 f"config key '{key}' is {value!r}; it must be a number > 0")
+    for key in _NON_NEGATIVE:
+        value = _get(config, key)
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+                 f"config key '{key}' is {value!r}; it must be a number >= 0")
+
+    m, e = config.model, config.moe
+    _require(m.num_heads % m.num_kv_heads == 0,
+             f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads "
+             f"({m.num_kv_heads})")
+    _require(m.head_dim % 2 == 0, f"model.head_dim ({m.head_dim}) must be even for RoPE")
+    routed = e.num_experts - e.num_shared_experts
+    _require(routed >= 1, f"moe.num_experts ({e.num_experts}) must exceed "
+             f"moe.num_shared_experts ({e.num_shared_experts}) by at least one routed expert")
+    _require(e.top_k <= routed, f"moe.top_k ({e.top_k}) must be <= the routed experts "
+             f"({routed} = moe.num_experts - moe.num_shared_experts)")
+    _require(e.pool_min <= e.pool_max,
+             f"moe.pool_min ({e.pool_min}) must be <= moe.pool_max ({e.pool_max})")
+    _require(e.pool_min >= e.top_k, f"moe.pool_min ({e.pool_min}) must be >= moe.top_k "
+             f"({e.top_k}): a pool smaller than top_k cannot route a token")
+    _require(e.eval_pool == 0 or e.eval_pool >= e.top_k,
+             f"moe.eval_pool ({e.eval_pool}) must be 0 (no pool) or >= moe.top_k ({e.top_k})")
+    _require(config.data.batch_size % config.train.micro_batches == 0,
+             f"data.batch_size ({config.data.batch_size}) must be divisible by "
+             f"train.micro_batches ({config.train.micro_batches})")
+    for axis in ("data", "fsdp", "expert"):
+        size = config.mesh[axis]
+        _require(isinstance(size, int) and (size == -1 or size >= 1),
+                 f"config key 'mesh.{axis}' is {size!r}; it must be -1 (fill) or >= 1")
+    return config
+
+
+def routed_experts(config: ml_collections.ConfigDict) -> int:
+    """R: experts chosen by the router (the shared ones excluded)."""
+    return config.moe.num_experts - config.moe.num_shared_experts

@@ -1,0 +1,95 @@
+"""Grouped SwiGLU over rows sorted by expert: the local, dropless expert computation.
+
+Two implementations of one contract (`grouped_swiglu`):
+
+* 'ragged_dot': `jax.lax.ragged_dot`, native on TPU and GPU.
+* 'blocked': portable. Each expert's rows are padded up to a multiple of `block_size`, and a
+  `lax.scan` walks the blocks, each a dense [block, D] x [D, F] SwiGLU with its expert's weights;
+  blocks past the last used one are skipped by `lax.cond`. Work grows with the number of routed
+  assignments (plus at most block_size - 1 padding rows per used expert), never with the number
+  of experts.
+
+Why not ragged_dot everywhere: measured on XLA:CPU (jax 0.10), ragged_dot lowers to a dense
+computation over every group: with 32 groups it did 32x the FLOPs and took ~70x the time of a
+plain matmul of the same active FLOPs.
+
+Glossary: A assignment rows (tokens x top_k, sorted by expert), R experts, D d_model, F expert
+hidden, NB blocks, Bk block size.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def resolve_impl(impl: str) -> str:
+    """'auto' -> 'ragged_dot' on TPU/GPU, 'blocked' elsewhere."""
+    if impl != "auto":
+        return impl
+    return "ragged_dot" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "blocked"
+
+
+def grouped_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, *, impl: str,
+                   block_size: int, compute_dtype=jnp.float32):
+    """y[a] = SwiGLU_{g(a)}(x[a]) for rows sorted by group; rows past sum(group_sizes) give 0.
+
+    Returns (y_AD, rows_processed): rows_processed is the number of rows the expert matmuls
+    actually ran on (a scalar), the evidence that the work is not dense over experts.
+    """
+    impl = resolve_impl(impl)
+    dt = jnp.dtype(compute_dtype)
+    x_AD = x_AD.astype(dt)
+    w_gate_RDF, w_up_RDF, w_down_RFD = (w.astype(dt) for w in (w_gate_RDF, w_up_RDF, w_down_RFD))
+    group_sizes_R = group_sizes_R.astype(jnp.int32)
+    if impl == "ragged_dot":
+        gate_AF = jax.lax.ragged_dot(x_AD, w_gate_RDF, group_sizes_R)
+        up_AF = jax.lax.ragged_dot(x_AD, w_up_RDF, group_sizes_R)
+        y_AD = jax.lax.ragged_dot(jax.nn.silu(gate_AF) * up_AF, w_down_RFD, group_sizes_R)
+        return y_AD, jnp.sum(group_sizes_R)
+    if impl == "blocked":
+        return _blocked_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, block_size)
+    raise ValueError(f"unknown grouped matmul {impl!r}; valid: auto, ragged_dot, blocked")
+
+
+def _blocked_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, block_size):
+    a, d = x_AD.shape
+    r = group_sizes_R.shape[0]
+    bk = int(max(1, min(block_size, a)))
+    # Static worst case: every non-empty group wastes at most one partial block.
+    nb = -(-a // bk) + min(r, a)
+
+    group_end_R = jnp.cumsum(group_sizes_R)
+    group_start_R = group_end_R - group_sizes_R
+    blocks_R = (group_sizes_R + bk - 1) // bk
+    block_end_R = jnp.cumsum(blocks_R)
+    block_start_R = block_end_R - blocks_R
+    used_blocks = block_end_R[-1]
+
+    row_A = jnp.arange(a, dtype=jnp.int32)
+    group_A = jnp.minimum(jnp.searchsorted(group_end_R, row_A, side="right"), r - 1)
+    dest_A = block_start_R[group_A] * bk + row_A - group_start_R[group_A]
+    dest_A = jnp.where(row_A < group_end_R[-1], dest_A, nb * bk)  # unused rows go nowhere
+    x_NBD = jnp.zeros((nb * bk, d), x_AD.dtype).at[dest_A].set(x_AD, mode="drop")
+    x_NBD = x_NBD.reshape(nb, bk, d)
+
+    block_N = jnp.arange(nb, dtype=jnp.int32)
+    group_N = jnp.searchsorted(block_end_R, block_N, side="right").astype(jnp.int32)
+    active_N = block_N < used_blocks
+    safe_group_N = jnp.minimum(group_N, r - 1)
+    # Gathering each block's weights up front keeps the backward pass free of a full-size
+    # gradient accumulator per loop iteration (the cotangent is one scatter-add at the end).
+    wg_NDF, wu_NDF, wd_NFD = (w[safe_group_N] for w in (w_gate_RDF, w_up_RDF, w_down_RFD))
+
+    def block(_, inputs):
+        x_BD, wg_DF, wu_DF, wd_FD, active = inputs
+
+        def compute(_):
+            return (jax.nn.silu(x_BD @ wg_DF) * (x_BD @ wu_DF)) @ wd_FD
+
+        y_BD = jax.lax.cond(active, compute, lambda _: jnp.zeros_like(x_BD), None)
+        return None, y_BD
+
+    _, y_NBD = jax.lax.scan(block, None, (x_NBD, wg_NDF, wu_NDF, wd_NFD, active_N))
+    y_AD = y_NBD.reshape(nb * bk, d).at[dest_A].get(mode="fill", fill_value=0)
+    return y_AD, used_blocks * bk

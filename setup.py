@@ -1,0 +1,47 @@
+"""Installs emo_jax: a JAX/Flax NNX framework for EMO-style modular mixture-of-experts LMs."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="emo_jax",
+    version="0.1.0",
+    description=(
+        "Pretrain EMO-style modular mixture-of-experts language models with JAX/Flax NNX, "
+        "then select, extract and serve expert subsets."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["emo_jax", "emo_jax.*"]),
+    package_data={"emo_jax": ["data/corpus/*", "data/corpus/**/*"]},
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.8,<0.13",
+        "flax>=0.12,<0.14",
+        "optax>=0.2.5,<0.4",
+        "orbax-checkpoint>=0.11.20,<0.14",
+        "grain>=0.2.12,<0.4",
+        "tensorflow-datasets>=4.9.8,<5",
+        "array-record>=0.7",
+        "ml-collections>=1.0,<2",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+        "scikit-learn>=1.4",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "hf": ["tokenizers>=0.15"],
+    },
+    entry_points={
+        "console_scripts": [
+            "emo-train=emo_jax.train:run",
+            "emo-eval=emo_jax.eval:run",
+            "emo-summary=emo_jax.summary:run",
+        ]
+    },
+)
