@@ -39,7 +39,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "emo-train=emo_jax.train:run",
+            "emo-train=emo_jax.train.__main__:run",
             "emo-eval=emo_jax.eval:run",
             "emo-summary=emo_jax.summary:run",
         ]

@@ -102,6 +102,22 @@ def default_config() -> ml_collections.ConfigDict:
     s.data = -1  # data-parallel axis size (-1 = the devices left over)
     s.fsdp = 1  # fully-sharded axis size
     s.expert = 1  # expert-parallel axis size (must divide the routed experts)
+    # Logical parameter axis -> mesh axis ('' = replicated; 'a,b' = several mesh axes). Every
+    # parameter names its axes (see emo_jax/model/layers.py); changing a layout is an edit here.
+    s.rules = ml_collections.ConfigDict({
+        "vocab": "",  # embedding / output-head vocabulary axis
+        "embed": "fsdp",  # d_model axis of every weight matrix
+        "heads": "",  # query heads
+        "kv_heads": "",  # key/value heads
+        "head_dim": "",  # per-head width
+        "norm": "",  # RMSNorm scales
+        "router": "",  # router output axis (routed experts)
+        "expert": "expert",  # stacked routed experts
+        "expert_mlp": "",  # an expert's hidden axis
+        "shared": "",  # stacked shared experts
+        "mlp": "",  # a shared expert's hidden axis
+        "layers": "",  # the stacked-layer axis of scanned blocks
+    })
 
     c.checkpoint = k = ml_collections.ConfigDict()
     k.every = 100  # save every N steps (and at the end, and on SIGTERM/SIGINT)
@@ -196,6 +212,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         size = config.mesh[axis]
         _require(isinstance(size, int) and (size == -1 or size >= 1),
                  f"config key 'mesh.{axis}' is {size!r}; it must be -1 (fill) or >= 1")
+    for name in known.mesh.rules.keys():
+        _require(name in config.mesh.rules, f"config key 'mesh.rules.{name}' is missing")
+    for name, target in config.mesh.rules.items():
+        _require(name in known.mesh.rules, f"unknown config key 'mesh.rules.{name}'; valid: "
+                 f"{', '.join(sorted(known.mesh.rules.keys()))}")
+        for axis in filter(None, str(target).split(",")):
+            _require(axis in ("data", "fsdp", "expert"), f"config key 'mesh.rules.{name}' is "
+                     f"{target!r}; valid: '' or mesh axes among data, fsdp, expert (comma-joined)")
     return config
 
 

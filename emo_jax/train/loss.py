@@ -1,0 +1,79 @@
+"""The training objective: cross-entropy + load balance + router z-loss + output z-loss, and the
+metrics that describe routing (load ratios, unused experts, pool sizes, dropped tokens).
+
+Pure and jit-able: `loss_and_metrics(model, batch, config, pool_key)` is what train, eval and the
+distributed tests differentiate. The balance statistics of the batch given are reduced here, over
+its whole row axis, which on a mesh is the cross-device reduction (see `model/losses.py`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from emo_jax.model import losses
+
+
+def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None,
+                     num_shards: int = 1, step_counts_LR=None, step_tokens_L=None,
+                     loss_scale: float = 1.0):
+    """Scalar loss and a dict of scalar / per-layer metrics for one (micro-)batch.
+
+    Args:
+      model: an emo_jax Transformer.
+      batch: dict of int32 [B, S] `tokens`, `segment_ids`, `positions`.
+      config: the full config.
+      pool_key: PRNG key for training-time document pools; None evaluates (no sampling).
+      num_shards: devices the batch rows are split over (only the 'local' scope uses it).
+      step_counts_LR, step_tokens_L: balance statistics of the whole optimiser step, when this is
+        one of several micro-batches and the scope is 'global': f_e then comes from the whole step
+        and P_e is this micro-batch's share of the step's probability mass, so the per-micro-batch
+        balance terms add up to exactly the global-batch loss.
+      loss_scale: every term is multiplied by this (1/micro_batches when the caller sums
+        micro-batch losses), except the step-global balance term, which already sums to the step's.
+    """
+    m, moe, t = config.model, config.moe, config.train
+    logits_BSV, stats = model(batch["tokens"], batch["segment_ids"], batch["positions"],
+                              pool_key=pool_key, expert_mask_LR=expert_mask_LR)
+    targets_BS, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"])
+    ce_sum, out_z_sum, n_pred = losses.cross_entropy_sums(logits_BSV, targets_BS, mask_BS)
+    denom = jnp.maximum(n_pred, 1.0)
+    ce, output_z = ce_sum / denom, out_z_sum / denom
+
+    layers = m.num_layers
+    if step_counts_LR is not None:
+        # Global balance across micro-batches: R * sum_e f_e(step) * probsum_e(micro) / T(step).
+        num_routed = step_counts_LR.shape[-1]
+        f_LR = step_counts_LR / (moe.top_k * jnp.maximum(step_tokens_L, 1.0)[:, None])
+        p_LR = stats["prob_sums"].sum(1) / jnp.maximum(step_tokens_L, 1.0)[:, None]
+        balance_L = num_routed * jnp.sum(jax.lax.stop_gradient(f_LR) * p_LR, -1)
+    else:
+        balance_L = losses.balance_loss_per_layer(
+            stats["counts"], stats["prob_sums"], stats["tokens"], moe.top_k,
+            moe.balance_scope, num_shards)
+    router_z_L = losses.router_z_loss_per_layer(stats["z_sums"], stats["tokens"])
+
+    balance = jnp.sum(balance_L) * (moe.balance_weight / layers)
+    router_z = jnp.sum(router_z_L) * (moe.router_z_weight / layers)
+    if step_counts_LR is None:  # a per-micro-batch loss is averaged like the others
+        balance = loss_scale * balance
+    loss = loss_scale * (ce + t.output_z_weight * output_z + router_z) + balance
+
+    counts_LR = stats["counts"].sum(1)
+    mean_load_L = jnp.maximum(counts_LR.mean(-1), 1e-9)
+    metrics = {
+        "loss": loss,
+        "cross_entropy": ce,
+        "predicted_tokens": n_pred,
+        "balance_loss": jnp.mean(balance_L),
+        "router_z_loss": jnp.mean(router_z_L),
+        "output_z_loss": output_z,
+        "max_load_ratio_L": counts_LR.max(-1) / mean_load_L,
+        "unused_experts_L": jnp.sum(counts_LR == 0, -1).astype(jnp.float32),
+        "mean_pool_size": stats["pool_sums"].sum() / jnp.maximum(stats["segments"].sum(), 1.0),
+        "dropped_tokens": stats["dropped"].sum(),
+        "expert_rows": stats["rows_processed"].sum(),
+        "counts_LR": counts_LR,
+        "tokens_L": stats["tokens"].sum(1),
+    }
+    return loss, metrics
