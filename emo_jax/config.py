@@ -56,7 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Local grouped expert matmul: 'auto' (ragged_dot where native: TPU/GPU; else 'blocked'),
     # 'ragged_dot', 'blocked' (portable, dropless: expert groups padded to block_size).
     e.grouped_matmul = "auto"
-    e.block_size = 32  # rows per block of the 'blocked' grouped matmul
+    e.block_size = 64  # rows per block of the 'blocked' grouped matmul
     # Expert-parallel dispatch when mesh.expert > 1: 'auto' (ragged where the backend has
     # ragged_all_to_all, else capacity), 'capacity' (all_to_all on capacity buffers, may drop),
     # 'ragged' (dropless ragged_all_to_all).
@@ -66,7 +66,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = d = ml_collections.ConfigDict()
     d.train_sources = ""  # sources spec (see emo_jax/data/sources.py); '' = the bundled corpus
     d.eval_sources = ""  # held-out sources spec; '' = the bundled corpus's eval split
-    d.text_field = "text"  # JSON key holding a document's text
+    d.text_field = "text"  # JSON key (or TFDS feature) holding a document's text
+    d.tfds_data_dir = ""  # where 'tfds:' sources live ('' = TFDS default: $TFDS_DATA_DIR)
     d.tokenizer = "byte"  # 'byte' | 'sentencepiece:PATH' | 'hf:PATH/tokenizer.json'
     d.seq_len = 256  # tokens per packed row
     d.batch_size = 16  # global batch, in rows (split over hosts, then over devices)
@@ -97,6 +98,9 @@ def default_config() -> ml_collections.ConfigDict:
     t.eval_batches = 4  # batches per evaluation
     t.log_every = 10  # metric lines every N steps
     t.max_bad_steps = 5  # stop after this many consecutive non-finite steps
+    t.adam_eps = 1e-8  # AdamW epsilon
+    t.peak_tflops = 0.0  # per-device peak TFLOP/s for MFU (0 = by device kind from the table)
+    t.inject_nonfinite_step = 0  # test hook: step N gets a NaN loss and gradients (0 = off)
 
     c.mesh = s = ml_collections.ConfigDict()
     s.data = -1  # data-parallel axis size (-1 = the devices left over)
@@ -123,6 +127,7 @@ def default_config() -> ml_collections.ConfigDict:
     k.every = 100  # save every N steps (and at the end, and on SIGTERM/SIGINT)
     k.keep = 3  # checkpoints kept
     k.async_save = True  # save in the background while training continues
+    k.save_on_signal = True  # on SIGTERM/SIGINT: save a checkpoint, then exit (preemption)
     return c
 
 
@@ -144,14 +149,16 @@ _POSITIVE = (
     "moe.num_experts", "moe.top_k", "moe.expert_hidden", "moe.pool_min", "moe.pool_max",
     "moe.block_size", "moe.capacity_factor", "data.seq_len", "data.batch_size",
     "data.packing_bins", "train.steps", "train.lr", "train.micro_batches", "train.log_every",
-    "train.eval_batches", "train.max_bad_steps", "checkpoint.every", "checkpoint.keep",
+    "train.eval_batches", "train.max_bad_steps", "train.adam_eps", "checkpoint.every",
+    "checkpoint.keep",
 )
 
 _NON_NEGATIVE = (
     "model.init_std", "moe.num_shared_experts", "moe.eval_pool", "moe.balance_weight",
-    "moe.router_z_weight", "data.num_epochs", "data.worker_count", "data.prefetch",
+    "moe.router_z_weight", "data.seed", "data.num_epochs", "data.worker_count", "data.prefetch",
     "train.warmup_steps", "train.final_lr_fraction", "train.anneal_steps", "train.weight_decay",
-    "train.clip_norm", "train.output_z_weight", "train.eval_every",
+    "train.clip_norm", "train.output_z_weight", "train.eval_every", "train.peak_tflops",
+    "train.inject_nonfinite_step",
 )
 
 

@@ -3,11 +3,10 @@
 Two implementations of one contract (`grouped_swiglu`):
 
 * 'ragged_dot': `jax.lax.ragged_dot`, native on TPU and GPU.
-* 'blocked': portable. Each expert's rows are padded up to a multiple of `block_size`, and a
-  `lax.scan` walks the blocks, each a dense [block, D] x [D, F] SwiGLU with its expert's weights;
-  blocks past the last used one are skipped by `lax.cond`. Work grows with the number of routed
-  assignments (plus at most block_size - 1 padding rows per used expert), never with the number
-  of experts.
+* 'blocked': portable. Each expert's rows are padded up to a multiple of `block_size` and laid
+  out as blocks; one batched matmul runs every block with its expert's weights. The static block
+  count is ceil(A / block) + min(R, A), the worst case, so nothing is ever dropped: work is the
+  routed assignments plus at most one partial block per expert, never dense over experts.
 
 Why not ragged_dot everywhere: measured on XLA:CPU (jax 0.10), ragged_dot lowers to a dense
 computation over every group: with 32 groups it did 32x the FLOPs and took ~70x the time of a
@@ -58,38 +57,31 @@ def _blocked_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, block
     bk = int(max(1, min(block_size, a)))
     # Static worst case: every non-empty group wastes at most one partial block.
     nb = -(-a // bk) + min(r, a)
+    sorted_unique = dict(indices_are_sorted=True, unique_indices=True)
 
     group_end_R = jnp.cumsum(group_sizes_R)
     group_start_R = group_end_R - group_sizes_R
     blocks_R = (group_sizes_R + bk - 1) // bk
     block_end_R = jnp.cumsum(blocks_R)
     block_start_R = block_end_R - blocks_R
-    used_blocks = block_end_R[-1]
 
     row_A = jnp.arange(a, dtype=jnp.int32)
     group_A = jnp.minimum(jnp.searchsorted(group_end_R, row_A, side="right"), r - 1)
     dest_A = block_start_R[group_A] * bk + row_A - group_start_R[group_A]
     dest_A = jnp.where(row_A < group_end_R[-1], dest_A, nb * bk)  # unused rows go nowhere
-    x_NBD = jnp.zeros((nb * bk, d), x_AD.dtype).at[dest_A].set(x_AD, mode="drop")
+    x_NBD = jnp.zeros((nb * bk, d), x_AD.dtype).at[dest_A].set(x_AD, mode="drop", **sorted_unique)
     x_NBD = x_NBD.reshape(nb, bk, d)
 
-    block_N = jnp.arange(nb, dtype=jnp.int32)
-    group_N = jnp.searchsorted(block_end_R, block_N, side="right").astype(jnp.int32)
-    active_N = block_N < used_blocks
-    safe_group_N = jnp.minimum(group_N, r - 1)
-    # Gathering each block's weights up front keeps the backward pass free of a full-size
-    # gradient accumulator per loop iteration (the cotangent is one scatter-add at the end).
-    wg_NDF, wu_NDF, wd_NFD = (w[safe_group_N] for w in (w_gate_RDF, w_up_RDF, w_down_RFD))
+    # Spare blocks past the last used one take the last expert's weights and zero rows.
+    group_N = jnp.minimum(jnp.searchsorted(block_end_R, jnp.arange(nb), side="right"), r - 1)
 
-    def block(_, inputs):
-        x_BD, wg_DF, wu_DF, wd_FD, active = inputs
+    def take(w):
+        return jnp.take(w, group_N, axis=0, indices_are_sorted=True, mode="clip")
 
-        def compute(_):
-            return (jax.nn.silu(x_BD @ wg_DF) * (x_BD @ wu_DF)) @ wd_FD
-
-        y_BD = jax.lax.cond(active, compute, lambda _: jnp.zeros_like(x_BD), None)
-        return None, y_BD
-
-    _, y_NBD = jax.lax.scan(block, None, (x_NBD, wg_NDF, wu_NDF, wd_NFD, active_N))
-    y_AD = y_NBD.reshape(nb * bk, d).at[dest_A].get(mode="fill", fill_value=0)
-    return y_AD, used_blocks * bk
+    # One batched matmul over all blocks. Measured on XLA:CPU (2 cores, A=16k, D=F=128): 1.7x
+    # faster forward+backward than a lax.scan over the blocks that skipped the spare ones.
+    h_NBF = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", x_NBD, take(w_gate_RDF))) * \
+        jnp.einsum("nbd,ndf->nbf", x_NBD, take(w_up_RDF))
+    y_NBD = jnp.einsum("nbf,nfd->nbd", h_NBF, take(w_down_RFD))
+    y_AD = y_NBD.reshape(nb * bk, d).at[dest_A].get(mode="fill", fill_value=0, **sorted_unique)
+    return y_AD, jnp.asarray(nb * bk, jnp.int32)
