@@ -2,15 +2,17 @@
 
 Two implementations of one contract (`grouped_swiglu`):
 
-* 'ragged_dot': `jax.lax.ragged_dot`, native on TPU and GPU.
+* 'ragged_dot': `jax.lax.ragged_dot`, native on TPU.
 * 'blocked': portable. Each expert's rows are padded up to a multiple of `block_size` and laid
   out as blocks; one batched matmul runs every block with its expert's weights. The static block
   count is ceil(A / block) + min(R, A), the worst case, so nothing is ever dropped: work is the
   routed assignments plus at most one partial block per expert, never dense over experts.
 
-Why not ragged_dot everywhere: measured on XLA:CPU (jax 0.10), ragged_dot lowers to a dense
-computation over every group: with 32 groups it did 32x the FLOPs and took ~70x the time of a
-plain matmul of the same active FLOPs.
+Why not ragged_dot everywhere: it is dense over the groups outside TPU. Measured on XLA:CPU
+(jax 0.10): with 32 groups it did 32x the FLOPs and took ~70x the time of a plain matmul of the
+same active FLOPs. Measured on an H100 (jax 0.11.2, bf16, 32768 x 2048 x 1024): 9.4x the time of
+the plain matmul with 8 groups, 37x with 32, 71x with 64, 141x with 128, i.e. linear in the
+number of groups (bench/gpu/ragged_probe.py, docs/RESULTS.md).
 
 Glossary: A assignment rows (tokens x top_k, sorted by expert), R experts, D d_model, F expert
 hidden, NB blocks, Bk block size.
@@ -23,10 +25,10 @@ import jax.numpy as jnp
 
 
 def resolve_impl(impl: str) -> str:
-    """'auto' -> 'ragged_dot' on TPU/GPU, 'blocked' elsewhere."""
+    """'auto' -> 'ragged_dot' on TPU (native), 'blocked' elsewhere (GPU and CPU)."""
     if impl != "auto":
         return impl
-    return "ragged_dot" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "blocked"
+    return "ragged_dot" if jax.default_backend() == "tpu" else "blocked"
 
 
 def grouped_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, *, impl: str,
