@@ -53,7 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
     # accumulation micro-step separately: the reference), 'local' (each device shard: ablation),
     # 'sequence' (each packed row: ablation).
     e.balance_scope = "global"
-    # Local grouped expert matmul: 'auto' (ragged_dot where native: TPU/GPU; else 'blocked'),
+    # Local grouped expert matmul: 'auto' (ragged_dot where native: TPU; else 'blocked'),
     # 'ragged_dot', 'blocked' (portable, dropless: expert groups padded to block_size).
     e.grouped_matmul = "auto"
     e.block_size = 64  # rows per block of the 'blocked' grouped matmul
@@ -77,6 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
     d.seed = 0  # data order seed (independent of the model seed)
     d.num_epochs = 0  # 0 = repeat forever
     d.worker_count = 0  # Grain multiprocess workers (0 = in-process)
+    d.read_threads = 2  # threads reading and tokenizing documents per process (0 = inline)
     d.prefetch = 2  # batches prefetched
     d.on_bad_record = "skip"  # 'skip' (count it) | 'error'
 
@@ -155,7 +156,8 @@ _POSITIVE = (
 
 _NON_NEGATIVE = (
     "model.init_std", "moe.num_shared_experts", "moe.eval_pool", "moe.balance_weight",
-    "moe.router_z_weight", "data.seed", "data.num_epochs", "data.worker_count", "data.prefetch",
+    "moe.router_z_weight",
+    "data.seed", "data.num_epochs", "data.worker_count", "data.read_threads", "data.prefetch",
     "train.warmup_steps", "train.final_lr_fraction", "train.anneal_steps", "train.weight_decay",
     "train.clip_norm", "train.output_z_weight", "train.eval_every", "train.peak_tflops",
     "train.inject_nonfinite_step",
@@ -219,6 +221,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         size = config.mesh[axis]
         _require(isinstance(size, int) and (size == -1 or size >= 1),
                  f"config key 'mesh.{axis}' is {size!r}; it must be -1 (fill) or >= 1")
+    _require(config.mesh.expert == -1 or routed % config.mesh.expert == 0,
+             f"mesh.expert ({config.mesh.expert}) must divide the routed experts ({routed} = "
+             f"moe.num_experts - moe.num_shared_experts): each device holds the same number")
     for name in known.mesh.rules.keys():
         _require(name in config.mesh.rules, f"config key 'mesh.rules.{name}' is missing")
     for name, target in config.mesh.rules.items():

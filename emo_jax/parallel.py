@@ -4,11 +4,20 @@ The mesh has axes ('data', 'fsdp', 'expert') with sizes from `config.mesh` (-1 f
 devices left over), as an `AxisType.Auto` mesh (classic GSPMD propagation). Parameters carry
 logical axis names (`logical_axes` metadata); `config.mesh.rules` maps each name to mesh axes, so
 a layout change is a config edit. The batch is sharded over all three axes.
+
+The model finds the mesh through `jax.set_mesh(mesh)`: trace (jit) the train and eval steps
+inside it, and the MoE layers run their routing and experts per device (expert parallelism over
+'expert', see `emo_jax/model/moe_parallel.py`); without it they run as on one device.
+
+Multi-host: call `initialize_distributed()` first thing in every process (before any other JAX
+call); each process then feeds the rows `process_rows(mesh, global_rows)` of every global batch
+through `host_to_global`, and only `is_primary()` writes logs.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -43,6 +52,16 @@ def make_mesh(config, devices=None) -> jax.sharding.Mesh:
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(config, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def check_experts(config, mesh):
+    """Clear error when the routed experts cannot be split over the mesh's 'expert' axis."""
+    routed = config.moe.num_experts - config.moe.num_shared_experts
+    ep = mesh.shape["expert"]
+    if routed % ep:
+        raise ConfigError(
+            f"moe.num_experts - moe.num_shared_experts = {routed} routed experts cannot be split "
+            f"over the 'expert' mesh axis of size {ep} (mesh.expert); use a divisor of {routed}")
 
 
 def logical_to_spec(logical_axes, rules) -> P:
@@ -107,3 +126,86 @@ def host_to_global(host_batch: dict, mesh) -> dict:
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in host_batch.items()}
+
+
+def process_rows(mesh, global_rows: int) -> np.ndarray:
+    """Indices of the global batch rows this process must feed to `host_to_global`, in order.
+
+    With `jax.make_mesh` over all devices they are one contiguous block per process.
+    """
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
+    rows = {i for index in index_map.values() for i in range(*index[0].indices(global_rows))}
+    return np.asarray(sorted(rows), np.int64)
+
+
+def is_primary() -> bool:
+    """True in the one process that writes logs, metrics and console output (process 0)."""
+    return jax.process_index() == 0
+
+
+# Variables by which launchers announce a multi-process job (jax reads them itself when
+# jax.distributed.initialize() is called without arguments).
+_CLUSTER_ENV = {
+    "slurm": ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID"),
+    "tpu": ("TPU_WORKER_HOSTNAMES",),  # Cloud TPU pod slices (GKE, queued resources)
+    "env": ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"),  # any launcher
+}
+
+
+def _detected_cluster() -> str | None:
+    """The launcher that started this process as one of several, or None for a lone process."""
+    env = os.environ
+    if all(k in env for k in _CLUSTER_ENV["slurm"]) and int(env["SLURM_NTASKS"]) > 1:
+        return "slurm"
+    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        return "tpu"
+    if all(env.get(k) for k in _CLUSTER_ENV["env"]):
+        return "env"
+    return None
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           local_device_ids=None) -> str:
+    """Joins this process to a multi-process JAX job; call it before any other JAX call.
+
+    With `coordinator_address` ('host:port' of process 0), `num_processes` and `process_id`, the
+    job is set up from those (explicit flags: a CPU cluster, a test on 127.0.0.1). Without them,
+    from the environment when a launcher announced several processes (SLURM `srun`, a Cloud TPU
+    pod slice, or JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID set by any
+    launcher); otherwise this is a single-process run and nothing happens. CPU devices of
+    several processes talk through gloo collectives.
+
+    Returns how the job was set up: 'explicit', 'slurm', 'tpu', 'env' or 'single'.
+    """
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ConfigError(
+                "multi-process flags: give all of coordinator_address (host:port of process 0), "
+                f"num_processes and process_id; got {explicit}")
+        if not 0 <= process_id < num_processes:
+            raise ConfigError(f"process_id {process_id} must be in [0, num_processes = "
+                              f"{num_processes})")
+        if num_processes == 1:
+            return "single"
+        how = "explicit"
+    else:
+        how = _detected_cluster()
+        if how is None:
+            return "single"
+        if how == "env":
+            coordinator_address = os.environ["JAX_COORDINATOR_ADDRESS"]
+            num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+            process_id = int(os.environ["JAX_PROCESS_ID"])
+    if jax.distributed.is_initialized():
+        return how
+    # Without it XLA:CPU has no cross-process collectives; it does not affect GPU or TPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if how in ("explicit", "env"):
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id,
+                                   local_device_ids=local_device_ids)
+    else:
+        jax.distributed.initialize(local_device_ids=local_device_ids)
+    return how

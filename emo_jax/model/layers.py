@@ -77,6 +77,31 @@ class Attention(nnx.Module):
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
 
     def __call__(self, x_BSD, segment_ids_BS, positions_BS):
+        q_BSHDh, k_BSKDh, v_BSKDh = self._qkv(x_BSD, positions_BS)
+        mask_B1SS = segment_causal_mask(segment_ids_BS)
+        return self._out(attend(q_BSHDh, k_BSKDh, v_BSKDh, mask_B1SS))
+
+    def decode(self, x_BSD, positions_BS, cache_k_BTKDh, cache_v_BTKDh, start):
+        """Attention of S new tokens (one document per row, at cache slots start..start+S-1)
+        over a fixed-size KV cache of T slots: returns (out_BSD, cache_k, cache_v).
+
+        Slot t holds the key of position t, so query position p sees slots 0..p. The cache never
+        grows (T is fixed when it is made), so a decoding step costs the same at every length.
+        """
+        q_BSHDh, k_BSKDh, v_BSKDh = self._qkv(x_BSD, positions_BS)
+        at = (0, start, 0, 0)
+        cache_k_BTKDh = jax.lax.dynamic_update_slice(
+            cache_k_BTKDh, k_BSKDh.astype(cache_k_BTKDh.dtype), at)
+        cache_v_BTKDh = jax.lax.dynamic_update_slice(
+            cache_v_BTKDh, v_BSKDh.astype(cache_v_BTKDh.dtype), at)
+        slots_T = jnp.arange(cache_k_BTKDh.shape[1])
+        mask_B1ST = (slots_T <= positions_BS[:, :, None])[:, None]
+        out_BSHDh = attend(q_BSHDh, cache_k_BTKDh.astype(q_BSHDh.dtype),
+                           cache_v_BTKDh.astype(q_BSHDh.dtype), mask_B1ST)
+        return self._out(out_BSHDh), cache_k_BTKDh, cache_v_BTKDh
+
+    def _qkv(self, x_BSD, positions_BS):
+        """Queries, keys and values in the compute dtype, normed (qk_norm) and rotated."""
         dt = self.compute_dtype
         x_BSD = x_BSD.astype(dt)
         q_BSHDh = jnp.einsum("bsd,dhk->bshk", x_BSD, self.wq[...].astype(dt))
@@ -86,8 +111,10 @@ class Attention(nnx.Module):
             q_BSHDh, k_BSKDh = self.q_norm(q_BSHDh), self.k_norm(k_BSKDh)
         q_BSHDh = rope(q_BSHDh, positions_BS, self.rope_theta)
         k_BSKDh = rope(k_BSKDh, positions_BS, self.rope_theta)
-        mask_B1SS = segment_causal_mask(segment_ids_BS)
-        out_BSHDh = attend(q_BSHDh, k_BSKDh, v_BSKDh, mask_B1SS)
+        return q_BSHDh, k_BSKDh, v_BSKDh
+
+    def _out(self, out_BSHDh):
+        dt = self.compute_dtype
         return jnp.einsum("bshk,hkd->bsd", out_BSHDh, self.wo[...].astype(dt))
 
 

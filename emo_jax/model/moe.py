@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emo_jax.model import routing
+from emo_jax.model import moe_parallel, routing
 from emo_jax.model.grouped_matmul import grouped_swiglu
 from emo_jax.model.layers import param
 
@@ -63,7 +63,9 @@ def shared_swiglu(x_TD, w_gate_XDF, w_up_XDF, w_down_XFD, compute_dtype):
 class MoE(nnx.Module):
     """SwiGLU experts with EMO document-pool routing (or standard top-k routing)."""
 
-    def __init__(self, model_cfg, moe_cfg, *, rngs: nnx.Rngs):
+    def __init__(self, model_cfg, moe_cfg, *, rngs: nnx.Rngs, rules=None):
+        """rules: config.mesh.rules (how expert weights are laid out on a mesh); None = only the
+        expert axis is sharded."""
         d, f, std = model_cfg.d_model, moe_cfg.expert_hidden, model_cfg.init_std
         r = moe_cfg.num_experts - moe_cfg.num_shared_experts
         x = moe_cfg.num_shared_experts
@@ -81,16 +83,21 @@ class MoE(nnx.Module):
         self.impl = moe_cfg.grouped_matmul
         self.block_size = moe_cfg.block_size
         self.compute_dtype = model_cfg.compute_dtype
+        self.dispatch = moe_cfg.dispatch
+        self.capacity_factor = moe_cfg.capacity_factor
+        rules = {"expert": "expert"} if rules is None else rules
+        self.rules = tuple(sorted(dict(rules).items()))  # static: logical axis -> mesh axes
 
     def __call__(self, x_BSD, segment_ids_BS, pool_size_BN=None, expert_mask_R=None):
         """Returns (y_BSD float32, stats): stats holds this layer's routing statistics per row."""
         b, s, d = x_BSD.shape
         logits_BSR = jnp.einsum("bsd,dr->bsr", x_BSD.astype(jnp.float32), self.router[...])
-        decision = routing.route(logits_BSR, segment_ids_BS, self.top_k, pool_size_BN,
-                                 expert_mask_R)
+        decision = moe_parallel.route(logits_BSR, segment_ids_BS, self.top_k, pool_size_BN,
+                                      expert_mask_R)
         x_TD = x_BSD.reshape(b * s, d)
-        y_TD, rows = self.routed_experts(x_TD, decision.expert_idx_BSK.reshape(b * s, -1),
-                                         decision.weights_BSK.reshape(b * s, -1))
+        y_TD, rows, dropped = self.routed_experts(
+            x_TD, decision.expert_idx_BSK.reshape(b * s, -1),
+            decision.weights_BSK.reshape(b * s, -1))
         if self.shared_gate is not None:
             y_TD = y_TD + shared_swiglu(x_TD, self.shared_gate[...], self.shared_up[...],
                                         self.shared_down[...], self.compute_dtype)
@@ -102,12 +109,27 @@ class MoE(nnx.Module):
             "pool_sums": decision.pool_sums_B,
             "segments": decision.segments_B,
             "rows_processed": jnp.asarray(rows, jnp.float32),
-            "dropped": jnp.zeros((), jnp.float32),
+            "dropped": dropped,
         }
         return y_TD.reshape(b, s, d), stats
 
     def routed_experts(self, x_TD, expert_idx_TK, weights_TK):
-        """(y_TD, rows_processed) of the routed experts; the local dropless path."""
-        return dispatch_local(x_TD, expert_idx_TK, weights_TK, self.w_gate[...], self.w_up[...],
-                              self.w_down[...], impl=self.impl, block_size=self.block_size,
-                              compute_dtype=self.compute_dtype)
+        """(y_TD, rows_processed, dropped) of the routed experts.
+
+        On a device mesh set with `jax.set_mesh` (at trace time) the experts run sharded
+        (`moe_parallel`: expert parallelism over the 'expert' axis); otherwise the local dropless
+        path, which never drops.
+        """
+        weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
+        mesh = moe_parallel.ambient_mesh()
+        if mesh is None:
+            y_TD, rows = dispatch_local(x_TD, expert_idx_TK, weights_TK, *weights,
+                                        impl=self.impl, block_size=self.block_size,
+                                        compute_dtype=self.compute_dtype)
+            return y_TD, rows, jnp.zeros((), jnp.float32)
+        specs = tuple(moe_parallel.weight_spec(w.get_metadata()["logical_axes"], self.rules)
+                      for w in (self.w_gate, self.w_up, self.w_down))
+        return moe_parallel.routed_experts(
+            x_TD, expert_idx_TK, weights_TK, *weights, mesh=mesh, weight_specs=specs,
+            dispatch=self.dispatch, capacity_factor=self.capacity_factor, impl=self.impl,
+            block_size=self.block_size, compute_dtype=self.compute_dtype)

@@ -103,7 +103,8 @@ def route(logits_BSR, segment_ids_BS, top_k: int, pool_size_BN=None, expert_mask
         counts_BR=jax.lax.stop_gradient(counts_BR),
         prob_sums_BR=jnp.einsum("bsr,bs->br", scores_BSR, realf_BS),
         tokens_B=jnp.sum(realf_BS, -1),
-        z_sums_B=jnp.sum(jnp.square(lse_BS) * realf_BS, -1),
+        # where, not a product: lse is about -1e30 at padding and its square overflows to inf.
+        z_sums_B=jnp.sum(jnp.where(real_BS, jnp.square(lse_BS), 0.0), -1),
         pool_sums_B=pool_sums_B.astype(jnp.float32),
         segments_B=segments_B.astype(jnp.float32),
     )

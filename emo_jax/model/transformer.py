@@ -34,12 +34,21 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(m.d_model, m.norm_eps)
         self.attn = Attention(m, rngs=rngs)
         self.moe_norm = RMSNorm(m.d_model, m.norm_eps)
-        self.moe = MoE(m, config.moe, rngs=rngs)
+        self.moe = MoE(m, config.moe, rngs=rngs, rules=config.mesh.rules)
 
     def __call__(self, x_BSD, segment_ids_BS, positions_BS, pool_size_BN, expert_mask_R):
         h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), segment_ids_BS, positions_BS)
         y_BSD, stats = self.moe(self.moe_norm(h_BSD), segment_ids_BS, pool_size_BN, expert_mask_R)
         return h_BSD + y_BSD, stats
+
+    def decode(self, x_BSD, positions_BS, cache_k, cache_v, start, expert_mask_R):
+        """The block on new tokens with a KV cache (no pool): (out_BSD, cache_k, cache_v)."""
+        a_BSD, cache_k, cache_v = self.attn.decode(self.attn_norm(x_BSD), positions_BS, cache_k,
+                                                   cache_v, start)
+        h_BSD = x_BSD + a_BSD
+        real_BS = jnp.ones(positions_BS.shape, jnp.int32)
+        y_BSD, _ = self.moe(self.moe_norm(h_BSD), real_BS, None, expert_mask_R)
+        return h_BSD + y_BSD, cache_k, cache_v
 
 
 class Transformer(nnx.Module):
@@ -93,7 +102,31 @@ class Transformer(nnx.Module):
             body = nnx.remat(body, policy=_REMAT_POLICIES[m.remat])
         scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
         x_BSD, stats = scan(x_BSD, self.blocks, per_layer)
+        return self.logits(x_BSD), stats
+
+    def logits(self, x_BSD):
+        """Final RMSNorm and output head: float32 logits [B, S, V]."""
         x_BSD = self.final_norm(x_BSD)
-        dt = jnp.dtype(m.compute_dtype)
+        dt = jnp.dtype(self.config.model.compute_dtype)
         logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD.astype(dt), self.head[...].astype(dt))
-        return logits_BSV.astype(jnp.float32), stats
+        return logits_BSV.astype(jnp.float32)
+
+    def decode(self, tokens_BS, positions_BS, cache, start, *, expert_mask_LR=None):
+        """Logits of S new tokens per row given a KV cache; returns (logits_BSV, new cache).
+
+        Every row is one document whose tokens 0..start-1 are already in `cache` (a dict of
+        `k`, `v` arrays [L, B, T, K, Dh]: see emo_jax/model/decode.py); the new tokens go to
+        slots start..start+S-1. Inference routing: plain top-k, no pool; `expert_mask_LR`
+        restricts the experts as in __call__.
+        """
+        x_BSD = self.embed[...][tokens_BS]
+        per_layer = {"k": cache["k"], "v": cache["v"], "expert_mask_R": expert_mask_LR}
+
+        def body(x_BSD, block, layer):
+            x_BSD, k, v = block.decode(x_BSD, positions_BS, layer["k"], layer["v"], start,
+                                       layer["expert_mask_R"])
+            return x_BSD, {"k": k, "v": v}
+
+        scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+        x_BSD, cache = scan(x_BSD, self.blocks, per_layer)
+        return self.logits(x_BSD), cache

@@ -16,7 +16,7 @@ from emo_jax.model import losses
 
 def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None,
                      num_shards: int = 1, step_counts_LR=None, step_tokens_L=None,
-                     loss_scale: float = 1.0):
+                     loss_scale: float = 1.0, step_predicted=None):
     """Scalar loss and a dict of scalar / per-layer metrics for one (micro-)batch.
 
     Args:
@@ -31,13 +31,19 @@ def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None
         balance terms add up to exactly the global-batch loss.
       loss_scale: every term is multiplied by this (1/micro_batches when the caller sums
         micro-batch losses), except the step-global balance term, which already sums to the step's.
+      step_predicted: predicted tokens of the whole step (with `step_tokens_L`, its real tokens
+        per layer), when this is one of several micro-batches: the per-token means (cross-entropy,
+        output z, router z) are then this micro-batch's sums over the step's totals, so the
+        micro-batch losses add up to the step's loss exactly even when their token counts differ,
+        and `loss_scale` applies to the balance term only ('micro_batch' and other scopes).
+        Metrics `cross_entropy`, `output_z_loss`, `router_z_loss` are then such shares too.
     """
     m, moe, t = config.model, config.moe, config.train
     logits_BSV, stats = model(batch["tokens"], batch["segment_ids"], batch["positions"],
                               pool_key=pool_key, expert_mask_LR=expert_mask_LR)
     targets_BS, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"])
     ce_sum, out_z_sum, n_pred = losses.cross_entropy_sums(logits_BSV, targets_BS, mask_BS)
-    denom = jnp.maximum(n_pred, 1.0)
+    denom = jnp.maximum(n_pred if step_predicted is None else step_predicted, 1.0)
     ce, output_z = ce_sum / denom, out_z_sum / denom
 
     layers = m.num_layers
@@ -51,13 +57,15 @@ def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None
         balance_L = losses.balance_loss_per_layer(
             stats["counts"], stats["prob_sums"], stats["tokens"], moe.top_k,
             moe.balance_scope, num_shards)
-    router_z_L = losses.router_z_loss_per_layer(stats["z_sums"], stats["tokens"])
+    z_tokens_LB = stats["tokens"] if step_predicted is None else step_tokens_L[:, None]
+    router_z_L = losses.router_z_loss_per_layer(stats["z_sums"], z_tokens_LB)
 
     balance = jnp.sum(balance_L) * (moe.balance_weight / layers)
     router_z = jnp.sum(router_z_L) * (moe.router_z_weight / layers)
     if step_counts_LR is None:  # a per-micro-batch loss is averaged like the others
         balance = loss_scale * balance
-    loss = loss_scale * (ce + t.output_z_weight * output_z + router_z) + balance
+    token_scale = loss_scale if step_predicted is None else 1.0
+    loss = token_scale * (ce + t.output_z_weight * output_z + router_z) + balance
 
     counts_LR = stats["counts"].sum(1)
     mean_load_L = jnp.maximum(counts_LR.mean(-1), 1e-9)

@@ -1,0 +1,203 @@
+"""From documents to packed rows: tokenize, count and drop bad records, split, pack, batch.
+
+Stages, in pipeline order (each a Grain transform; only `DocumentFilterIterDataset` is ours):
+
+  TokenizeDocument     doc -> {'tokens': int32[n] ending in eos} (bad-record markers pass)
+  DocumentFilter...    drops bad-record markers, counts them (or raises), counts documents and
+                       tokens; the counts live in the iterator state (key `emo_data_stats`),
+                       so they are checkpointed with it and survive Grain worker processes
+  SplitDocument        a document longer than the row -> pieces of <= seq_len tokens, each
+                       its own segment (skipped for concat_then_split, which splits itself)
+  pack_rows            grain.experimental First/BestFit or ConcatThenSplit, renamed to the
+                       batch format of DESIGN.md: int32 `tokens`, `segment_ids` (0 = padding,
+                       1..n in row order), `positions` (restart at 0 in every segment)
+  batch_rows           [B, S] batches; a short last batch (finite data) is padded with empty
+                       rows (segment_ids 0), never dropped
+
+With concat_then_split a document may continue in the next row: the continuation is a new
+segment whose positions restart at 0 (what Grain emits, and what the tests check).
+An optional per-token feature `document_ids` (index of the source document, -1 at padding)
+is packed alongside for per-document evaluation; training batches never carry it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import grain
+import numpy as np
+
+from emo_jax.data.sources import BAD_REASONS, DataError, bad_record_error
+
+STATS_KEY = "emo_data_stats"
+PACKINGS = ("first_fit", "best_fit", "concat_then_split")
+
+
+class TokenizeDocument:
+    """doc -> {'tokens': ids + [eos]} (+ 'document_ids' with `with_index`); markers pass."""
+
+    def __init__(self, tokenizer, *, with_index: bool = False):
+        self.tokenizer, self.with_index = tokenizer, with_index
+
+    def _tokenize(self, doc: dict) -> dict:
+        if "bad" in doc:
+            return doc
+        ids = self.tokenizer.encode_array(doc["text"])
+        return {"tokens": np.append(ids, np.int32(self.tokenizer.eos_id)).astype(np.int32)}
+
+    def __call__(self, *args):
+        if not self.with_index:
+            return self._tokenize(args[0])
+        index, doc = args
+        out = self._tokenize(doc)
+        if "bad" not in out:
+            out["document_ids"] = np.full(out["tokens"].shape, index + 1, np.int32)
+        return out
+
+
+class SplitDocument(grain.experimental.FlatMapTransform):
+    """Cuts every feature of an element into consecutive pieces of at most `seq_len`."""
+
+    max_fan_out = 1 << 20  # unused by FlatMapIterDataset; documents of any length are split
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+
+    def flat_map(self, element):
+        n = len(element["tokens"])
+        return [{k: v[i:i + self.seq_len] for k, v in element.items()}
+                for i in range(0, n, self.seq_len)]
+
+
+def _empty_counts() -> dict:
+    return {"documents": 0, "tokens": 0, "split_documents": 0,
+            **{f"bad_{reason}": 0 for reason in BAD_REASONS}}
+
+
+class _DocumentFilterIterator(grain.DatasetIterator):
+
+    def __init__(self, parent, *, on_bad_record, max_consecutive_bad, seq_len):
+        super().__init__(parent)
+        self._on_bad, self._max_bad, self._seq_len = on_bad_record, max_consecutive_bad, seq_len
+        self._counts, self._consecutive_bad = _empty_counts(), 0
+
+    def __next__(self):
+        while True:
+            element = next(self._parent)
+            if "bad" not in element:
+                break
+            if self._on_bad == "error":
+                raise bad_record_error(element)
+            self._counts[f"bad_{element['bad']}"] += 1
+            self._consecutive_bad += 1
+            if self._consecutive_bad > self._max_bad:
+                raise DataError(f"the last {self._consecutive_bad} records were all bad, more "
+                                "than one pass over the data can hold if any were valid; latest "
+                                f"at {element['where']} (counts: {self._counts})")
+        self._consecutive_bad = 0
+        n = len(element["tokens"])
+        self._counts["documents"] += 1
+        self._counts["tokens"] += n
+        self._counts["split_documents"] += n > self._seq_len
+        return element
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), STATS_KEY: dict(self._counts),
+                "consecutive_bad": self._consecutive_bad}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._counts = {**_empty_counts(), **state[STATS_KEY]}
+        self._consecutive_bad = state["consecutive_bad"]
+
+
+class DocumentFilterIterDataset(grain.IterDataset):
+    """Drops and counts bad-record markers; raises on the first with on_bad_record='error'.
+
+    `max_consecutive_bad` bounds a run of bad records: past it the data cannot hold a valid
+    document for this reader, and reading on would be an endless loop over a repeated source.
+    (A source with no valid document at all is refused before iteration starts.)
+    """
+
+    def __init__(self, parent, *, on_bad_record: str, max_consecutive_bad: int, seq_len: int):
+        super().__init__(parent)
+        self._kwargs = dict(on_bad_record=on_bad_record, max_consecutive_bad=max_consecutive_bad,
+                            seq_len=seq_len)
+
+    def __iter__(self):
+        return _DocumentFilterIterator(self._parent.__iter__(), **self._kwargs)
+
+    def __str__(self):
+        return "DocumentFilterIterDataset"
+
+
+def _to_batch_format(row: dict) -> dict:
+    out = {"tokens": row["tokens"].astype(np.int32),
+           "segment_ids": row["tokens_segment_ids"].astype(np.int32),
+           "positions": row["tokens_positions"].astype(np.int32)}
+    if "document_ids" in row:  # still shifted by one: 0 is padding until `unshift_document_ids`
+        out["document_ids"] = row["document_ids"].astype(np.int32)
+    return out
+
+
+def unshift_document_ids(batch: dict) -> dict:
+    """Document ids were stored +1 so that Grain's zero padding reads 0; make padding -1."""
+    return {**batch, "document_ids": batch["document_ids"] - 1}
+
+
+def pack_rows(ds: grain.IterDataset, *, packing: str, seq_len: int, packing_bins: int,
+              seed: int, shuffle_bins: bool, features=("tokens",)) -> grain.IterDataset:
+    """Packs tokenized documents (pre-split for the fit packers) into rows in batch format."""
+    length_struct = {name: seq_len for name in features}
+    if packing == "concat_then_split":
+        ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=length_struct)
+    elif packing in ("first_fit", "best_fit"):
+        ds = grain.experimental.FlatMapIterDataset(ds, SplitDocument(seq_len))
+        packer = (grain.experimental.FirstFitPackIterDataset if packing == "first_fit"
+                  else grain.experimental.BestFitPackIterDataset)
+        ds = packer(ds, length_struct=length_struct, num_packing_bins=packing_bins,
+                    seed=seed, shuffle_bins=shuffle_bins)
+    else:
+        raise ValueError(f"packing {packing!r} is not one of {PACKINGS}")
+    return ds.map(_to_batch_format)
+
+
+def batch_rows(ds: grain.IterDataset, batch_size: int) -> grain.IterDataset:
+    """[B, S] batches; the last one padded with empty rows when the data ends."""
+    return ds.batch(batch_size, batch_fn=functools.partial(grain.experimental.batch_and_pad,
+                                                           batch_size=batch_size))
+
+
+def fill_ratio(batches) -> float:
+    """Fraction of token slots holding a document token (segment id > 0) over `batches`."""
+    filled = total = 0
+    for batch in batches:
+        filled += int(np.count_nonzero(batch["segment_ids"]))
+        total += batch["segment_ids"].size
+    return filled / max(total, 1)
+
+
+def data_stats(iterator) -> dict:
+    """Documents, tokens, split documents and bad records (per reason) read so far.
+
+    Summed over the document filters found in the iterator's state (one per Grain worker), so
+    the counts are those of the position a checkpoint restores: they may trail the newest
+    batch by the documents of one packing window, and they resume with the iterator.
+    """
+    totals = _empty_counts()
+
+    def visit(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == STATS_KEY:
+                    for name, count in value.items():
+                        totals[name] = totals.get(name, 0) + int(count)
+                else:
+                    visit(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                visit(value)
+
+    visit(iterator.get_state())
+    totals["bad_records"] = sum(totals[f"bad_{reason}"] for reason in BAD_REASONS)
+    return totals

@@ -1,0 +1,175 @@
+"""Tokenizers: byte-level (the default, no files), SentencePiece, and Hugging Face tokenizer.json.
+
+Every tokenizer has the same small surface: `encode(text) -> list[int]`, `encode_array(text) ->
+int32 array` (what the pipeline calls), `decode(ids) -> str`, `vocab_size`, `pad_id`, `bos_id`,
+`eos_id`, and a `spec` string that rebuilds it (`make_tokenizer(tokenizer.spec)`). The pipeline
+appends `eos_id` to every document; `pad_id` only fills padded positions (segment id 0), which
+the loss never reads, so its value never matters to training.
+
+Specs (`data.tokenizer`): `'byte'`, `'sentencepiece:PATH'` (a `.model` file, e.g. one written by
+`python -m emo_jax.data.train_tokenizer`), `'hf:PATH'` (a `tokenizer.json`, or a folder holding
+one; needs the optional `tokenizers` package).
+
+Tokenizers pickle as their spec, so Grain worker processes rebuild them rather than receiving
+C++ objects. This module never downloads anything.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from emo_jax.config import ConfigError
+
+# Byte tokenizer layout: 8 special ids, then the 256 byte values.
+BYTE_PAD, BYTE_BOS, BYTE_EOS = 0, 1, 2
+BYTE_OFFSET = 8  # ids 3..7 are reserved
+BYTE_VOCAB_SIZE = BYTE_OFFSET + 256
+
+# Special pieces tried, in order, when a tokenizer.json does not say which token is which.
+_HF_EOS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]", "<|im_end|>")
+_HF_BOS = ("<s>", "<|begin_of_text|>", "<bos>", "[CLS]", "<|startoftext|>")
+_HF_PAD = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes: byte b -> id b + 8; pad 0, bos 1, eos 2, ids 3..7 reserved; 264 ids."""
+
+    spec = "byte"
+    vocab_size = BYTE_VOCAB_SIZE
+    pad_id, bos_id, eos_id = BYTE_PAD, BYTE_BOS, BYTE_EOS
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + BYTE_OFFSET
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def decode(self, ids) -> str:
+        ids_N = np.asarray(ids, np.int64).reshape(-1)
+        data = ids_N[(ids_N >= BYTE_OFFSET) & (ids_N < BYTE_VOCAB_SIZE)] - BYTE_OFFSET
+        return data.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def __repr__(self):
+        return "ByteTokenizer()"
+
+
+class _FileTokenizer:
+    """Shared plumbing of file-backed tokenizers: pickled as their spec, loaded lazily."""
+
+    prefix = ""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(os.path.expanduser(path))
+        self.spec = f"{self.prefix}:{path}"
+        self._load()
+
+    def __getstate__(self):
+        return {"path": self.path, "spec": self.spec}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._load()
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.path!r})"
+
+    def _load(self):
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(_FileTokenizer):
+    """A SentencePiece `.model` file. Its eos piece ends documents; a missing pad uses id 0."""
+
+    prefix = "sentencepiece"
+
+    def _load(self):
+        import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.Load(self.path)
+        except (OSError, RuntimeError) as e:
+            raise ConfigError(f"data.tokenizer: cannot load the SentencePiece model "
+                              f"'{self.path}' ({e})") from None
+        self.vocab_size = int(self._sp.GetPieceSize())
+        self.eos_id = int(self._sp.eos_id())
+        if self.eos_id < 0:
+            raise ConfigError(f"data.tokenizer: the SentencePiece model '{self.path}' has no eos "
+                              "piece, which the pipeline needs to end documents; train one with "
+                              "eos_id >= 0 (python -m emo_jax.data.train_tokenizer does)")
+        self.bos_id = int(self._sp.bos_id())
+        self.pad_id = max(int(self._sp.pad_id()), 0)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self._sp.EncodeAsIds(text), np.int32)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)
+               if 0 <= i < self.vocab_size and i not in (self.pad_id, self.eos_id, self.bos_id)]
+        return self._sp.DecodeIds(ids)
+
+
+class HFTokenizer(_FileTokenizer):
+    """A Hugging Face `tokenizer.json` (the `tokenizers` package), without added special tokens."""
+
+    prefix = "hf"
+
+    def _load(self):
+        try:
+            import tokenizers  # pylint: disable=g-import-not-at-top
+        except ImportError:
+            raise ConfigError("data.tokenizer: 'hf:' tokenizers need the optional package "
+                              "`tokenizers` (pip install 'emo_jax[hf]')") from None
+        path = self.path
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"data.tokenizer: no tokenizer.json at '{path}'")
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # the Rust side raises its own exception type
+            raise ConfigError(f"data.tokenizer: cannot load '{path}' ({e})") from None
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        pick = lambda names: next((vocab[n] for n in names if n in vocab), -1)  # noqa: E731
+        self.eos_id, self.bos_id = pick(_HF_EOS), pick(_HF_BOS)
+        self.pad_id = max(pick(_HF_PAD), 0)
+        if self.eos_id < 0:
+            raise ConfigError(f"data.tokenizer: '{path}' has none of the end-of-document tokens "
+                              f"{', '.join(_HF_EOS)}; the pipeline needs one to end documents")
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)
+               if 0 <= i < self.vocab_size and i not in (self.eos_id, self.bos_id)]
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
+def make_tokenizer(spec: str):
+    """Builds the tokenizer named by a `data.tokenizer` spec; ConfigError for a bad spec."""
+    if spec == "byte":
+        return ByteTokenizer()
+    kind, sep, path = spec.partition(":")
+    if sep and path and kind == "sentencepiece":
+        if not os.path.isfile(os.path.expanduser(path)):
+            raise ConfigError(f"data.tokenizer: the SentencePiece model '{path}' does not exist")
+        return SentencePieceTokenizer(path)
+    if sep and path and kind == "hf":
+        return HFTokenizer(path)
+    raise ConfigError(f"config key 'data.tokenizer' is {spec!r}; valid: 'byte', "
+                      "'sentencepiece:PATH' or 'hf:PATH' (a tokenizer.json or its folder)")
+
+
+def check_vocab(tokenizer, model_vocab_size: int) -> None:
+    """Raises ConfigError unless the model's embedding table covers every id of `tokenizer`."""
+    if model_vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size ({model_vocab_size}) is smaller than the {tokenizer.vocab_size} ids "
+            f"of tokenizer '{tokenizer.spec}'; set model.vocab_size >= {tokenizer.vocab_size}")

@@ -1,0 +1,61 @@
+"""Write a standalone smaller model holding only a subset's experts (also `emo-extract`):
+
+    python -m emo_jax.extract --checkpoint=DIR --subset=subset.json --out=DIR2
+
+Keeps the subset's routed experts and router columns in every layer, and the shared experts;
+the config becomes moe.num_experts = K, moe.top_k = min(top_k, K - shared). Prints the parameter
+count and bytes before and after. DIR2 is a model directory that every tool reads like any
+checkpoint: `emo_jax.eval`, `emo_jax.generate`, `emo_jax.select` (with K no larger than the
+new expert count), and `emo_jax.train --init_checkpoint=DIR2` to fine-tune it. An existing DIR2
+is never overwritten. Details: emo_jax/modular/extract.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from emo_jax.cli import fail, parse_flags, quiet_logging
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints/<step> "
+                                  "directory or model directory.")
+_SUBSET = flags.DEFINE_string("subset", None, "Subset file (python -m emo_jax.select).")
+_OUT = flags.DEFINE_string("out", None, "Model directory to write (must not exist).")
+
+
+def main(argv):
+    from emo_jax.config import ConfigError
+    from emo_jax.modular import extract, runtime, subset as subset_lib
+    from emo_jax.train.checkpoint import CheckpointError, save_model
+
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    quiet_logging()
+    try:
+        if os.path.exists(_OUT.value):
+            raise CheckpointError(f"--out={_OUT.value} exists; choose a new directory")
+        subset = subset_lib.load(_SUBSET.value)
+        model, config, metadata = runtime.load_model(_CHECKPOINT.value)
+        subset.check_model(config, model, where=f"subset file '{_SUBSET.value}'")
+        small, small_config, report = extract.extract(model, subset)
+        path = save_model(_OUT.value, small, small_config, metadata={
+            "step": metadata.get("step"),
+            "extracted_from": os.path.abspath(_CHECKPOINT.value),
+            "subset": subset.to_json(),
+            "extract": report,
+        })
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        fail(str(err))
+    print(extract.format_report(report))
+    print(f"wrote {path}")
+
+
+def run():
+    """Console-script entry point (`emo-extract`)."""
+    flags.mark_flags_as_required(["checkpoint", "subset", "out"])
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

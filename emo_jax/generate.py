@@ -1,0 +1,86 @@
+"""Generate text from a checkpoint, optionally with only a subset of the experts (`emo-generate`):
+
+    python -m emo_jax.generate --checkpoint=DIR --prompt="..." \\
+        [--subset=subset.json | --subset_from_prompt=K [--method=layerwise]] \\
+        [--max_new_tokens=128] [--temperature=0.7] [--top_p=0.9] [--seed=0]
+
+Decoding uses a fixed-size KV cache (emo_jax/model/decode.py). With --subset, or with
+--subset_from_prompt=K (the subset is selected from the prompt itself, the serving mode the
+method promises), the model is first cut down to those experts in memory
+(emo_jax/modular/extract.py) and decodes with only them. --temperature=0 is greedy. The
+generated text goes to stdout; what was kept goes to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from emo_jax.cli import fail, parse_flags, quiet_logging
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints/<step> "
+                                  "directory or model directory.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
+_SUBSET = flags.DEFINE_string("subset", None, "Decode with only this subset's experts.")
+_FROM_PROMPT = flags.DEFINE_integer("subset_from_prompt", None, "Select K experts per layer "
+                                    "from the prompt and decode with only them.")
+_METHOD = flags.DEFINE_enum("method", "layerwise", ["layerwise", "global", "easy_ep"],
+                            "Selection method of --subset_from_prompt.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.7, "Sampling temperature (0 = greedy).")
+_TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus sampling: keep the smallest set of tokens "
+                            "whose probability reaches top_p (1 = all).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def main(argv):
+    from emo_jax.config import ConfigError
+    from emo_jax.model.decode import generate
+    from emo_jax.modular import extract, runtime, select, subset as subset_lib
+    from emo_jax.train.checkpoint import CheckpointError
+
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    quiet_logging()
+    if _SUBSET.value and _FROM_PROMPT.value is not None:
+        fail("give --subset or --subset_from_prompt, not both")
+    if _MAX_NEW.value < 1:
+        fail(f"--max_new_tokens={_MAX_NEW.value}: it must be >= 1")
+    if _TEMPERATURE.value < 0 or not 0 < _TOP_P.value <= 1:
+        fail("--temperature must be >= 0 and --top_p in (0, 1]")
+    try:
+        model, config, _ = runtime.load_model(_CHECKPOINT.value)
+        tokenizer = runtime.tokenizer_of(config)
+        prompt = tokenizer.encode(_PROMPT.value)
+        if not prompt:
+            fail("--prompt is empty: give text to continue")
+        subset = None
+        if _SUBSET.value:
+            subset = subset_lib.load(_SUBSET.value)
+        elif _FROM_PROMPT.value is not None:
+            subset = select.select(model, [runtime.prompt_batch(prompt)], _FROM_PROMPT.value,
+                                   _METHOD.value, data={"text": _PROMPT.value[:200]})
+        if subset is not None:
+            model, config, report = extract.extract(model, subset)
+            print(f"experts: {subset.keep} of {report['num_experts_before']} per layer "
+                  f"({subset.method}); {extract.format_report(report)}", file=sys.stderr)
+        out = generate(model, [prompt], max_new_tokens=_MAX_NEW.value,
+                       temperature=_TEMPERATURE.value, top_p=_TOP_P.value, seed=_SEED.value,
+                       eos_id=tokenizer.eos_id)
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        fail(str(err))
+    ids = [int(t) for t in out[0]]
+    if tokenizer.eos_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_id)]
+    print(_PROMPT.value + tokenizer.decode(ids))
+
+
+def run():
+    """Console-script entry point (`emo-generate`)."""
+    flags.mark_flags_as_required(["checkpoint", "prompt"])
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

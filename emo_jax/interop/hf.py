@@ -1,0 +1,408 @@
+"""The Hugging Face EMO format (`EmoForCausalLM`, `model_type: "emo"`) as pure mappings.
+
+Two mappings, both ways: an emo_jax config <-> a Hugging Face `config.json` dict, and emo_jax
+parameters (a flat dict `'blocks.attn.wq' -> array`, see `model_params`) <-> Hugging Face tensors
+(torch Linear layout `[out, in]`). No files and no torch here: `safetensors_io.py` reads and
+writes the tensors, `emo_jax/convert.py` is the CLI.
+
+The layout, per layer i (E = R routed + X shared experts, shared ones LAST):
+  model.embed_tokens.weight [V, D]          <- embed [V, D]
+  lm_head.weight [V, D]                     <- head [D, V] transposed (never tied)
+  model.norm.weight [D]                     <- final_norm.scale
+  model.layers.i.pre_attention_layernorm.weight [D]    <- blocks.attn_norm.scale[i]
+  model.layers.i.pre_feedforward_layernorm.weight [D]  <- blocks.moe_norm.scale[i]
+  model.layers.i.self_attn.q_proj.weight [H*Dh, D]     <- wq[i] [D, H, Dh] (head-major rows)
+  model.layers.i.self_attn.{k,v}_proj.weight [KV*Dh, D] <- wk/wv[i] [D, KV, Dh]
+  model.layers.i.self_attn.o_proj.weight [D, H*Dh]     <- wo[i] [H, Dh, D]
+  model.layers.i.mlp.gate.weight [E, D]     <- router[i] [D, R] transposed, then X zero rows
+  model.layers.i.mlp.experts.e.{gate,up}_proj.weight [F, D], down_proj.weight [D, F]
+        e < R: routed expert e (w_gate/w_up/w_down[i, e]); e >= R: shared expert e - R.
+
+The router rows of shared experts: the Hugging Face implementation takes the softmax over the
+routed experts' logits only, so those rows are never read. Export writes zeros there; import drops
+them (and reports it when they were not zero). RoPE is rotate-half in both, so q/k need no
+permutation; GQA maps query head h to key/value head h // (H / KV) in both.
+
+Glossary: V vocabulary, D d_model, L layers, H query heads, KV key/value heads, Dh head dim,
+E experts per layer (shared included), R routed, X shared, F expert hidden.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Mapping
+
+import jax.numpy as jnp
+import ml_collections
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from emo_jax.config import ConfigError, default_config, validate
+
+MODEL_TYPE = "emo"
+ARCHITECTURE = "EmoForCausalLM"
+EXTRA_KEY = "emo_jax"  # config.json key holding the emo_jax config and lineage (ignored by HF)
+FORMAT_VERSION = 1
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+# Reference EMO pool range (EMO_METHOD.md §3: 8..128 with 128 experts) used for a model that
+# carries no emo_jax training settings (a released Hugging Face model).
+_REFERENCE_POOL_MIN = 8
+
+_REQUIRED_HF_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "rope_theta", "rms_norm_eps", "num_experts", "num_experts_per_tok",
+    "num_shared_experts",
+)
+
+
+class InteropError(ValueError):
+    """A model or file cannot be converted; the message names the key, tensor or file."""
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+
+
+def experts_per_layer(config) -> list[int]:
+    """Experts kept in each layer (shared included): uniform in an emo_jax model."""
+    return [config.moe.num_experts] * config.model.num_layers
+
+
+def config_to_hf(config, *, dtype: str = "float32", subset: bool = False,
+                 lineage: Mapping | None = None) -> dict:
+    """The Hugging Face config.json dict of an emo_jax config.
+
+    subset: the model is an extracted subset; `num_experts_per_layer` is written then.
+    lineage: JSON-able facts stored under the `emo_jax` key (source checkpoint, subset, ...).
+    Raises InteropError naming the key when the model cannot be expressed.
+    """
+    m, e = config.model, config.moe
+    if m.qk_norm:
+        raise InteropError("model.qk_norm is True, but the Hugging Face EMO format has no QK-norm "
+                           "(no q_norm/k_norm weights): this model cannot be exported")
+    if dtype not in DTYPES:
+        raise InteropError(f"dtype {dtype!r} is not supported; valid: {', '.join(DTYPES)}")
+    hf = {
+        "architectures": [ARCHITECTURE],
+        "model_type": MODEL_TYPE,
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.d_model,
+        "intermediate_size": e.expert_hidden,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_heads,
+        "num_key_value_heads": m.num_kv_heads,
+        "head_dim": m.head_dim,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "rope_theta": float(m.rope_theta),
+        "rope_scaling": None,
+        "rms_norm_eps": float(m.norm_eps),
+        "max_position_embeddings": config.data.seq_len,
+        "num_experts": e.num_experts,
+        "num_experts_per_tok": e.top_k + e.num_shared_experts,
+        "num_shared_experts": e.num_shared_experts,
+        "norm_topk_prob": False,
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype,
+    }
+    if subset:
+        hf["num_experts_per_layer"] = experts_per_layer(config)
+    hf[EXTRA_KEY] = {
+        "format_version": FORMAT_VERSION,
+        "note": "emo_jax settings (training-only keys such as the document pool range); "
+                "ignored by transformers. mlp.gate rows of shared experts (the last "
+                "num_shared_experts rows) are zeros: the router never reads them.",
+        "config": config.to_dict(),
+        **({"lineage": dict(lineage)} if lineage else {}),
+    }
+    return hf
+
+
+def _refuse(condition: bool, message: str):
+    if condition:
+        raise InteropError(message)
+
+
+def _hf_experts_per_layer(hf: dict) -> int:
+    """E of every layer; refuses per-layer counts that differ (emo_jax needs uniform layers)."""
+    layers = hf["num_hidden_layers"]
+    counts = hf.get("num_experts_per_layer")
+    if counts is None:
+        return hf["num_experts"]
+    _refuse(not isinstance(counts, list) or len(counts) != layers,
+            f"config.json: num_experts_per_layer must be a list of {layers} counts "
+            f"(num_hidden_layers), got {counts!r}")
+    _refuse(len(set(counts)) != 1,
+            f"config.json: num_experts_per_layer differs across layers ({counts}), but an emo_jax "
+            "model has the same number of experts in every layer")
+    return counts[0]
+
+
+def config_from_hf(hf: Mapping, *, name: str = "config.json"):
+    """(emo_jax config, notes) of a Hugging Face EMO config.json dict.
+
+    Architecture keys come from the Hugging Face keys. Everything else (pool range, losses,
+    data, ...) comes from the `emo_jax` key when the file was written by emo_jax, else from the
+    defaults with the reference pool range. Raises InteropError naming what differs when the
+    model cannot be expressed in emo_jax.
+    """
+    hf = dict(hf)
+    notes = []
+    _refuse(hf.get("model_type") != MODEL_TYPE,
+            f"{name}: model_type is {hf.get('model_type')!r}; only the Hugging Face EMO format "
+            f"(model_type {MODEL_TYPE!r}, {ARCHITECTURE}) can be imported")
+    missing = [k for k in _REQUIRED_HF_KEYS if k not in hf]
+    _refuse(bool(missing), f"{name}: missing key(s) {', '.join(missing)}")
+    _refuse(bool(hf.get("tie_word_embeddings", False)),
+            f"{name}: tie_word_embeddings is true, but emo_jax models have an untied output head")
+    _refuse(bool(hf.get("norm_topk_prob", False)),
+            f"{name}: norm_topk_prob is true, but EMO routing does not renormalise the top-k "
+            "weights")
+    for key in ("qk_norm", "use_qk_norm", "attention_bias", "mlp_bias", "use_sliding_window"):
+        _refuse(bool(hf.get(key, False)),
+                f"{name}: {key} is true, which emo_jax models do not have")
+    _refuse(hf.get("hidden_act", "silu") != "silu",
+            f"{name}: hidden_act is {hf.get('hidden_act')!r}; emo_jax experts are SwiGLU ('silu')")
+    _refuse(hf.get("rope_scaling") is not None,
+            f"{name}: rope_scaling is {hf.get('rope_scaling')!r}; emo_jax has plain RoPE only "
+            "(rope_scaling null)")
+
+    num_experts = _hf_experts_per_layer(hf)
+    shared = hf["num_shared_experts"]
+    top_k = hf["num_experts_per_tok"] - shared  # HF counts the shared experts as active too
+    _refuse(top_k < 1, f"{name}: num_experts_per_tok ({hf['num_experts_per_tok']}) must exceed "
+            f"num_shared_experts ({shared}): it counts the shared experts too")
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+    head_dim = hf.get("head_dim")
+    if head_dim is None:
+        _refuse(hidden % heads != 0, f"{name}: hidden_size ({hidden}) is not a multiple of "
+                f"num_attention_heads ({heads}) and no head_dim is given")
+        head_dim = hidden // heads
+
+    config = default_config()
+    extra = hf.get(EXTRA_KEY)
+    if isinstance(extra, dict) and isinstance(extra.get("config"), dict):
+        ignored = _overlay(config, extra["config"])
+        if ignored:
+            notes.append(f"ignored emo_jax config keys unknown to this version: {ignored}")
+    else:
+        routed = num_experts - shared
+        config.moe.pool_max = max(num_experts, top_k)
+        config.moe.pool_min = min(max(top_k, _REFERENCE_POOL_MIN), config.moe.pool_max)
+        config.moe.eval_pool = 0
+        if "max_position_embeddings" in hf:
+            config.data.seq_len = int(hf["max_position_embeddings"])
+        notes.append(f"no emo_jax settings in {name}: training-only keys are defaults, with the "
+                     f"reference document pool range clipped to this model: "
+                     f"{config.moe.pool_min}..{config.moe.pool_max} ({routed} routed experts); "
+                     "to continue a standard MoE, train with --config.moe.pool=none")
+    m, e = config.model, config.moe
+    m.vocab_size, m.d_model = int(hf["vocab_size"]), int(hidden)
+    m.num_layers, m.num_heads = int(hf["num_hidden_layers"]), int(heads)
+    m.num_kv_heads, m.head_dim = int(hf["num_key_value_heads"]), int(head_dim)
+    m.rope_theta, m.norm_eps = float(hf["rope_theta"]), float(hf["rms_norm_eps"])
+    m.qk_norm = False
+    e.num_experts, e.num_shared_experts = int(num_experts), int(shared)
+    e.top_k, e.expert_hidden = int(top_k), int(hf["intermediate_size"])
+    try:
+        validate(config)
+    except ConfigError as err:
+        raise InteropError(f"{name} gives an invalid emo_jax config: {err}") from None
+    return config, notes
+
+
+def _overlay(config, stored: Mapping, prefix: str = "") -> list[str]:
+    """Copies stored values onto config where the key exists; returns the keys it ignored."""
+    ignored = []
+    for key, value in stored.items():
+        dotted = f"{prefix}{key}"
+        if key not in config:
+            ignored.append(dotted)
+        elif isinstance(config[key], ml_collections.ConfigDict):
+            if isinstance(value, Mapping):
+                ignored += _overlay(config[key], value, dotted + ".")
+            else:
+                ignored.append(dotted)
+        else:
+            try:
+                config[key] = value
+            except (TypeError, ValueError):
+                ignored.append(dotted)
+    return ignored
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters
+
+
+def _flat_params(model):
+    """[(dotted name, Param variable)] of a model."""
+    return [(".".join(map(str, path)), var)
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+
+
+def model_params(model, *, host: bool = True) -> dict:
+    """Flat {'blocks.attn.wq': array, ...} of a model's parameters: host NumPy arrays, or with
+    host=False the model's own (device) arrays, which `export_tensors` slices per tensor so the
+    model is never copied to the host whole."""
+    return {name: np.asarray(var[...]) if host else var[...] for name, var in _flat_params(model)}
+
+
+def _abstract_model(config):
+    from emo_jax.model.transformer import Transformer
+
+    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+
+
+def param_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Flat {'blocks.attn.wq': shape, ...} of a config's parameters (nothing allocated)."""
+    return {name: tuple(var.shape) for name, var in _flat_params(_abstract_model(config))}
+
+
+def model_from_params(config, params: dict[str, np.ndarray], *, consume: bool = False):
+    """A Transformer holding exactly `params` (no random initialisation of the weights).
+
+    consume: pop each array from `params` once it is on the device (halves the peak memory).
+    """
+    model = _abstract_model(config)
+    state = nnx.state(model, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        key = ".".join(map(str, path))
+        if key not in params:
+            raise InteropError(f"parameter {key} is missing")
+        value = params.pop(key) if consume else params[key]
+        if tuple(value.shape) != tuple(var.shape):
+            raise InteropError(f"parameter {key} has shape {tuple(value.shape)}, the config "
+                               f"needs {tuple(var.shape)}")
+        var.set_value(jnp.asarray(value, var.dtype))
+    nnx.update(model, state)
+    return model
+
+
+def hf_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Every Hugging Face tensor name of this config and its shape, in file order."""
+    m, e = config.model, config.moe
+    d, v, f = m.d_model, m.vocab_size, e.expert_hidden
+    q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+    shapes = {"model.embed_tokens.weight": (v, d)}
+    for i in range(m.num_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "pre_attention_layernorm.weight"] = (d,)
+        shapes[p + "self_attn.q_proj.weight"] = (q, d)
+        shapes[p + "self_attn.k_proj.weight"] = (kv, d)
+        shapes[p + "self_attn.v_proj.weight"] = (kv, d)
+        shapes[p + "self_attn.o_proj.weight"] = (d, q)
+        shapes[p + "pre_feedforward_layernorm.weight"] = (d,)
+        shapes[p + "mlp.gate.weight"] = (e.num_experts, d)
+        for x in range(e.num_experts):
+            shapes[p + f"mlp.experts.{x}.gate_proj.weight"] = (f, d)
+            shapes[p + f"mlp.experts.{x}.up_proj.weight"] = (f, d)
+            shapes[p + f"mlp.experts.{x}.down_proj.weight"] = (d, f)
+    shapes["model.norm.weight"] = (d,)
+    shapes["lm_head.weight"] = (v, d)
+    return shapes
+
+
+def _parse(name: str):
+    """(layer or None, expert or None, leaf) of a Hugging Face tensor name."""
+    parts = name.split(".")
+    if parts[:2] != ["model", "layers"]:
+        return None, None, name
+    layer, rest = int(parts[2]), parts[3:]
+    if rest[:2] == ["mlp", "experts"]:
+        return layer, int(rest[2]), ".".join(rest[3:])
+    return layer, None, ".".join(rest)
+
+
+def export_tensors(params: Mapping, config) -> dict[str, Callable[[], np.ndarray]]:
+    """{HF name: () -> float32 [out, in] array}: computed on demand, so a writer holds one shard.
+
+    `params` may hold NumPy or JAX arrays (`model_params(model, host=False)`)."""
+    r = config.moe.num_experts - config.moe.num_shared_experts
+
+    def tensor(name):
+        layer, expert, leaf = _parse(name)
+        if layer is None:
+            return {"model.embed_tokens.weight": lambda: params["embed"],
+                    "model.norm.weight": lambda: params["final_norm.scale"],
+                    "lm_head.weight": lambda: params["head"].T}[name]()
+        if expert is not None:
+            kind = {"gate_proj.weight": "gate", "up_proj.weight": "up",
+                    "down_proj.weight": "down"}[leaf]
+            if expert < r:
+                return params[f"blocks.moe.w_{kind}"][layer, expert].T
+            return params[f"blocks.moe.shared_{kind}"][layer, expert - r].T
+        if leaf == "pre_attention_layernorm.weight":
+            return params["blocks.attn_norm.scale"][layer]
+        if leaf == "pre_feedforward_layernorm.weight":
+            return params["blocks.moe_norm.scale"][layer]
+        if leaf == "mlp.gate.weight":
+            router_RD = params["blocks.moe.router"][layer].T
+            shared_XD = np.zeros((config.moe.num_shared_experts, router_RD.shape[1]), np.float32)
+            return np.concatenate([np.asarray(router_RD, np.float32), shared_XD], axis=0)
+        proj = leaf.split(".")[1]  # self_attn.q_proj.weight -> q_proj
+        w = params[f"blocks.attn.w{proj[0]}"][layer]
+        if proj == "o_proj":
+            return w.reshape(-1, w.shape[-1]).T  # [H, Dh, D] -> [D, H*Dh]
+        return w.reshape(w.shape[0], -1).T  # [D, H, Dh] -> [H*Dh, D]
+
+    return {name: (lambda name=name: np.ascontiguousarray(np.asarray(tensor(name)), np.float32))
+            for name in hf_shapes(config)}
+
+
+def params_to_hf(params: Mapping[str, np.ndarray], config) -> dict[str, np.ndarray]:
+    """All Hugging Face tensors of a model at once (float32); for small models and tests."""
+    return {name: get() for name, get in export_tensors(params, config).items()}
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], config):
+    """(flat emo_jax params in float32, notes) from Hugging Face tensors (any float dtype).
+
+    `tensors` may load lazily (a safetensors reader); names and shapes must already be checked
+    against `hf_shapes(config)`. Stacked parameters are filled in place, one tensor at a time, so
+    the peak memory is the model plus one tensor. Shared experts' router rows are dropped; notes
+    say so when they were not zero.
+    """
+    m, e = config.model, config.moe
+    r, x = e.num_experts - e.num_shared_experts, e.num_shared_experts
+    d, h, kv, dh = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
+    params = {key: np.empty(shape, np.float32) for key, shape in param_shapes(config).items()}
+
+    def get(name):
+        return np.asarray(tensors[name]).astype(np.float32)
+
+    params["embed"][...] = get("model.embed_tokens.weight")
+    params["head"][...] = get("lm_head.weight").T
+    params["final_norm.scale"][...] = get("model.norm.weight")
+    dropped = []
+    for i in range(m.num_layers):
+        p = f"model.layers.{i}."
+        params["blocks.attn_norm.scale"][i] = get(p + "pre_attention_layernorm.weight")
+        params["blocks.moe_norm.scale"][i] = get(p + "pre_feedforward_layernorm.weight")
+        params["blocks.attn.wq"][i] = get(p + "self_attn.q_proj.weight").T.reshape(d, h, dh)
+        params["blocks.attn.wk"][i] = get(p + "self_attn.k_proj.weight").T.reshape(d, kv, dh)
+        params["blocks.attn.wv"][i] = get(p + "self_attn.v_proj.weight").T.reshape(d, kv, dh)
+        params["blocks.attn.wo"][i] = get(p + "self_attn.o_proj.weight").T.reshape(h, dh, d)
+        gate_ED = get(p + "mlp.gate.weight")
+        params["blocks.moe.router"][i] = gate_ED[:r].T
+        if x and np.any(gate_ED[r:] != 0):
+            dropped.append((i, float(np.max(np.abs(gate_ED[r:])))))
+        for j in range(r + x):
+            target, slot = ("w", j) if j < r else ("shared", j - r)
+            for kind in ("gate", "up", "down"):
+                params[f"blocks.moe.{target}_{kind}"][i, slot] = get(
+                    p + f"mlp.experts.{j}.{kind}_proj.weight").T
+    notes = []
+    if dropped:
+        notes.append("dropped nonzero router rows of the shared experts (unused by EMO routing: "
+                     f"the softmax covers routed experts only), max |w| per layer: {dropped}")
+    return params, notes
+
+
+def hf_config_copy(hf: Mapping) -> dict:
+    """The Hugging Face config without the emo_jax key (for lineage records)."""
+    out = copy.deepcopy(dict(hf))
+    out.pop(EXTRA_KEY, None)
+    return out

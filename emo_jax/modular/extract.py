@@ -1,0 +1,96 @@
+"""Physical pruning: a standalone smaller model holding only a subset's experts.
+
+`extract(model, subset)` keeps, in every layer, the subset's routed experts (their SwiGLU weights
+and their router columns, in ascending id order) and every shared expert; everything else
+(attention, norms, embeddings, head) is copied. The config becomes `moe.num_experts = K` and
+`moe.top_k = min(top_k, K - S)`. Because the removed router columns are gone, the router softmax
+renormalises over the kept experts: the small model computes exactly what the full model computes
+with `expert_mask_LR = subset.mask()` (tested to float32 tolerance), while its parameters really
+shrink by the removed experts' share.
+
+The result is a plain model: `save_model` writes it as a standalone checkpoint that
+restore_model, eval, generate, select and training (`--init_checkpoint`) read like any other.
+If `mesh.expert` no longer divides the routed experts, it is reset to 1 (a layout, not a shape).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from emo_jax.config import validate
+from emo_jax.model.transformer import Transformer
+from emo_jax.modular import subset as subset_lib
+
+_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")  # [L, R, ...]: routed expert axis 1
+
+
+def param_stats(model) -> dict:
+    """{'params': count, 'bytes': bytes} of every parameter of a model."""
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return {"params": int(sum(x.size for x in leaves)),
+            "bytes": int(sum(x.size * x.dtype.itemsize for x in leaves))}
+
+
+def extracted_config(config, keep: int) -> ml_collections.ConfigDict:
+    """A copy of `config` for the model keeping `keep` experts per layer."""
+    keep = subset_lib.check_keep(keep, config)
+    out = ml_collections.ConfigDict(config.to_dict())
+    shared = out.moe.num_shared_experts
+    out.moe.num_experts = keep
+    out.moe.top_k = min(out.moe.top_k, keep - shared)
+    if (keep - shared) % max(out.mesh.expert, 1):
+        logging.warning("mesh.expert=%d does not divide the %d routed experts kept; the "
+                        "extracted config uses mesh.expert=1", out.mesh.expert, keep - shared)
+        out.mesh.expert = 1
+    return validate(out)
+
+
+def extract(model, subset: subset_lib.Subset):
+    """(small model, its config, report): the model restricted to the subset's experts.
+
+    report: params/bytes before and after, the experts kept per layer, and the removed share.
+    """
+    config = model.config
+    subset.check_model(config, model)
+    small_config = extracted_config(config, subset.keep)
+    idx_LK = jnp.asarray(np.asarray(subset.layers, np.int32))
+    pure = nnx.to_pure_dict(nnx.state(model))
+    moe = pure["blocks"]["moe"]
+    layers = jnp.arange(idx_LK.shape[0])[:, None]
+    for name in _EXPERT_WEIGHTS:
+        moe[name] = moe[name][layers, idx_LK]
+    moe["router"] = jnp.take_along_axis(moe["router"], idx_LK[:, None, :], axis=2)
+
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: Transformer(small_config, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(state, pure)
+    small = nnx.merge(graphdef, state)
+    before, after = param_stats(model), param_stats(small)
+    routed = config.moe.num_experts - config.moe.num_shared_experts
+    report = {
+        "params_before": before["params"], "params_after": after["params"],
+        "bytes_before": before["bytes"], "bytes_after": after["bytes"],
+        "num_experts_before": config.moe.num_experts, "num_experts_after": subset.keep,
+        "routed_experts_removed_per_layer": routed - len(subset.layers[0]),
+        "top_k_before": config.moe.top_k, "top_k_after": small_config.moe.top_k,
+    }
+    return small, small_config, report
+
+
+def format_report(report: dict) -> str:
+    """Two lines: parameters and bytes before -> after."""
+    def gib(n):
+        return f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"
+
+    share = 1 - report["params_after"] / max(report["params_before"], 1)
+    return (f"parameters: {report['params_before']:,} -> {report['params_after']:,} "
+            f"({share:.1%} removed); experts per layer {report['num_experts_before']} -> "
+            f"{report['num_experts_after']}, top_k {report['top_k_before']} -> "
+            f"{report['top_k_after']}\n"
+            f"bytes: {report['bytes_before']:,} ({gib(report['bytes_before'])}) -> "
+            f"{report['bytes_after']:,} ({gib(report['bytes_after'])})")

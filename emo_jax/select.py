@@ -1,0 +1,106 @@
+"""Choose the experts a task needs, or compose subsets (also installed as `emo-select`):
+
+    python -m emo_jax.select --checkpoint=DIR (--data=PATH | --text="...") --keep=K \\
+        [--method=layerwise|global|easy_ep|random] [--max_docs=N] [--seed=S] --out=subset.json
+    python -m emo_jax.select --compose a.json b.json [...] --out=ab.json
+
+K counts the shared experts (16 of 128 = 12.5%). The calibration text (a data spec: JSONL, a
+text file, a folder...; or one literal --text, e.g. a few-shot prompt) is run through the model
+and every layer keeps its K - S best routed experts (emo_jax/modular/select.py explains the
+methods; 'layerwise' is the reference). --compose writes the per-layer union of subsets of one
+model. The subset file format: emo_jax/modular/subset.py. Use it with `emo_jax.eval --subset`,
+`emo_jax.extract`, `emo_jax.generate --subset`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from emo_jax.cli import fail, parse_flags, quiet_logging
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints/<step> "
+                                  "directory or model directory.")
+_DATA = flags.DEFINE_string("data", None, "Calibration documents: a data spec (JSONL, text "
+                            "file, folder, ...).")
+_TEXT = flags.DEFINE_string("text", None, "Calibration text given literally (instead of --data).")
+_KEEP = flags.DEFINE_integer("keep", None, "K: experts kept per layer, shared ones included.")
+_METHOD = flags.DEFINE_enum("method", "layerwise", ["layerwise", "global", "easy_ep", "random"],
+                            "How experts are scored.")
+_MAX_DOCS = flags.DEFINE_integer("max_docs", None, "Use at most this many documents of --data.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of --method=random.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per calibration batch.")
+_OUT = flags.DEFINE_string("out", None, "Subset file to write (JSON).")
+_COMPOSE = flags.DEFINE_bool("compose", False, "Compose the subset files given as arguments "
+                             "(per-layer union) instead of selecting.")
+
+
+def _summary(subset, out: str) -> str:
+    routed = subset.keep - subset.shared_experts
+    return (f"kept {subset.keep} of {subset.model['shape']['moe.num_experts']} experts per layer "
+            f"({subset.shared_experts} shared + {routed} routed) in {subset.num_layers} layers, "
+            f"method {subset.method} -> {out}")
+
+
+def compose_files(paths: list[str], out: str) -> str:
+    from emo_jax.modular import subset as subset_lib
+
+    if len(paths) < 2:
+        fail("--compose needs at least two subset files, e.g. "
+             "--compose a.json b.json --out=ab.json")
+    subsets = [subset_lib.load(p) for p in paths]
+    composed = subset_lib.compose(subsets, names=[os.path.basename(p) for p in paths])
+    subset_lib.save(composed, out)
+    added = sum(len(f) for f in composed.filled)
+    return _summary(composed, out) + (f" ({added} experts added to even out the layers)"
+                                      if added else "")
+
+
+def select_file(out: str) -> str:
+    from emo_jax.modular import runtime, select, subset as subset_lib
+
+    if _KEEP.value is None:
+        fail("--keep=K is required: the experts kept per layer, shared ones included")
+    if _DATA.value is not None and _TEXT.value is not None:
+        fail("give --data or --text, not both")
+    model, config, _ = runtime.load_model(_CHECKPOINT.value)
+    subset_lib.check_keep(_KEEP.value, config)
+    if _METHOD.value == "random" and _DATA.value is None and _TEXT.value is None:
+        docs, data = [], {}
+    else:
+        docs, data = runtime.read_texts(config, data=_DATA.value, text=_TEXT.value,
+                                        max_docs=_MAX_DOCS.value)
+    batches = runtime.document_batches(docs, runtime.tokenizer_of(config), config.data.seq_len,
+                                       _BATCH.value) if docs else []
+    subset = select.select(model, batches, _KEEP.value, _METHOD.value, seed=_SEED.value,
+                           data=data)
+    subset.model["checkpoint"] = os.path.abspath(_CHECKPOINT.value)
+    subset_lib.save(subset, out)
+    return _summary(subset, out) + f" from {subset.data['tokens']} tokens"
+
+
+def main(argv):
+    from emo_jax.config import ConfigError
+    from emo_jax.train.checkpoint import CheckpointError
+
+    quiet_logging()
+    if not _OUT.value:
+        fail("--out=FILE.json is required: where the subset is written")
+    if not _COMPOSE.value and len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])} (subset files go with --compose)")
+    if not _COMPOSE.value and not _CHECKPOINT.value:
+        fail("--checkpoint is required (or --compose a.json b.json)")
+    try:
+        print(compose_files(argv[1:], _OUT.value) if _COMPOSE.value else select_file(_OUT.value))
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        fail(str(err))
+
+
+def run():
+    """Console-script entry point (`emo-select`)."""
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,62 @@
+"""The training command (also installed as `emo-train`):
+
+    python -m emo_jax.train --config=configs/tiny.py --workdir=DIR \\
+        [--config.train.steps=200 ...] [--init_checkpoint=MODEL_OR_WORKDIR]
+
+Run the same command on every host of a pod (see launch/). Rerunning it resumes from the newest
+checkpoint in DIR. A bad config key or value, a missing file, or a checkpoint of another model
+shape ends the run with one line on stderr (exit status 2); a preempted run (SIGTERM/SIGINT)
+saves a checkpoint and exits with 128 + the signal number; a run stopped by too many non-finite
+steps exits with 3.
+
+This file only parses flags; the work is `emo_jax.train.loop.train_and_evaluate`.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from emo_jax.cli import fail, initialize_distributed, parse_flags, quiet_logging
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py), optionally with ':ARG' for get_config(ARG).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics; a "
+                               "rerun with the same workdir resumes.")
+_INIT = flags.DEFINE_string("init_checkpoint", None, "Start from the parameters of this model "
+                            "directory or training workdir (ignored when resuming).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    quiet_logging()
+    from emo_jax.config import ConfigError, validate
+    from emo_jax.data.sources import DataError
+    from emo_jax.train.checkpoint import CheckpointError
+    from emo_jax.train.loop import TrainingError, train_and_evaluate
+
+    try:
+        config = validate(_CONFIG.value)
+        initialize_distributed()
+        result = train_and_evaluate(config, _WORKDIR.value, init_checkpoint=_INIT.value)
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as err:
+        fail(str(err))
+    except TrainingError as err:
+        fail(str(err), status=3)
+    if result["preempted"]:
+        sys.exit(128 + signal.Signals[result["preempted"]].value)
+
+
+def run():
+    """Console-script entry point (`emo-train`)."""
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

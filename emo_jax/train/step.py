@@ -1,0 +1,244 @@
+"""The training state and the pure, jitted train and eval steps.
+
+`TrainState` is everything a step reads and writes, and everything a checkpoint holds besides
+the data iterator: the model, the AdamW state, the PRNG key of the routing pools, the step
+counter and the non-finite-step counters. Steps work on its `nnx.State` (split from a graphdef
+that is closed over), so they are plain functions of arrays: jitted with explicit shardings on
+the mesh, the state donated.
+
+Gradient accumulation (`train.micro_batches` = M): row i of the global batch belongs to
+micro-batch i mod M, so every device keeps its own rows (no resharding). The M micro-batch
+losses are scaled so that they add up to the loss of the whole batch exactly:
+  * per-token means (cross-entropy, output z, router z) divide by the token totals of the step;
+  * `moe.balance_scope='global'`: the balance statistics are those of the whole step. A first,
+    gradient-free routing pass over all micro-batches sums the expert counts f_e of the step;
+    the second pass (forward + backward, one micro-batch at a time) forms
+    R * sum_e f_e(step) * P_e(micro-batch share). Same pool keys in both passes, so the routing
+    is the same. This costs one extra forward pass (no backward) when M > 1; with M = 1 there
+    is no extra pass. It is exact because f_e enters the loss as a constant: no method that
+    runs each micro-batch's backward before knowing the step's counts can avoid a pre-pass
+    without storing every micro-batch's activations (which is what accumulation avoids).
+  * 'micro_batch' (the reference) and the ablation scopes: each micro-batch's own balance loss,
+    averaged over the M micro-batches.
+
+A step whose loss or gradient norm is not finite is not applied (parameters and optimiser state
+stay as they were) and is counted; the loop stops after `train.max_bad_steps` in a row.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from emo_jax import parallel
+from emo_jax.model import losses
+from emo_jax.model.transformer import Transformer
+from emo_jax.train import optimizer as optim
+from emo_jax.train.loss import loss_and_metrics
+
+_POOL_STREAM = 1_000_003  # folded into the seed so pool keys never equal init keys
+
+# Metrics that add up over micro-batches (shares of the step); the rest are averaged, or
+# recomputed from the summed expert counts.
+_SUMMED = ("loss", "cross_entropy", "output_z_loss", "router_z_loss", "predicted_tokens",
+           "dropped_tokens", "expert_rows", "counts_LR", "tokens_L")
+
+
+class TrainState(nnx.Module):
+    """Model, optimiser, pool PRNG key and counters: the whole state of a training run."""
+
+    def __init__(self, config, tx=None):
+        seed = config.train.seed
+        self.model = Transformer(config, rngs=nnx.Rngs(seed))
+        self.optimizer = nnx.Optimizer(self.model, tx or optim.make_optimizer(config),
+                                       wrt=nnx.Param)
+        self.rng = nnx.Variable(jax.random.fold_in(jax.random.PRNGKey(seed), _POOL_STREAM))
+        self.step = nnx.Variable(jnp.zeros((), jnp.int32))  # steps taken, skipped ones included
+        self.bad_in_a_row = nnx.Variable(jnp.zeros((), jnp.int32))  # consecutive skipped steps
+        self.skipped = nnx.Variable(jnp.zeros((), jnp.int32))  # skipped steps in the whole run
+
+
+def abstract_state(config, mesh):
+    """(graphdef, abstract nnx.State with concrete shardings, shardings) without allocating."""
+    abstract = nnx.eval_shape(lambda: TrainState(config))
+    graphdef, state = nnx.split(abstract)
+    shardings = parallel.state_shardings(state, mesh, config)
+    state = jax.tree.map(
+        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+        state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return graphdef, state, shardings
+
+
+def init_state(config, mesh):
+    """(graphdef, state, shardings): a fresh TrainState created directly in its shardings."""
+    graphdef, _, shardings = abstract_state(config, mesh)
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda: nnx.state(TrainState(config)), out_shardings=shardings)()
+    return graphdef, state, shardings
+
+
+def split_micro_batches(batch, micro_batches: int, mesh):
+    """[B, S] -> [M, B/M, S]: micro-batch m holds rows m, m+M, m+2M, ... (no data movement)."""
+    sharding = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
+
+    def one(x_BS):
+        b, s = x_BS.shape
+        x_MbS = x_BS.reshape(b // micro_batches, micro_batches, s).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x_MbS, sharding)
+
+    return {k: one(v) for k, v in batch.items()}
+
+
+def _token_totals(batch, num_layers):
+    _, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"])
+    predicted = jnp.sum(mask_BS.astype(jnp.float32))
+    real = jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32))
+    return predicted, jnp.full((num_layers,), real)
+
+
+def _load_metrics(metrics):
+    counts_LR = metrics["counts_LR"]
+    mean_load_L = jnp.maximum(counts_LR.mean(-1), 1e-9)
+    metrics["max_load_ratio_L"] = counts_LR.max(-1) / mean_load_L
+    metrics["unused_experts_L"] = jnp.sum(counts_LR == 0, -1).astype(jnp.float32)
+    return metrics
+
+
+def loss_and_grads(model_graphdef, params, batch, config, step_key, num_shards: int, mesh):
+    """(loss, metrics, grads) of one optimiser step's batch, accumulated over micro-batches."""
+
+    def loss_fn(params, mb, key, **kwargs):
+        model = nnx.merge(model_graphdef, params)
+        return loss_and_metrics(model, mb, config, key, num_shards=num_shards, **kwargs)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    m_count = config.train.micro_batches
+    if m_count == 1:
+        (loss, metrics), grads = grad_fn(params, batch, step_key)
+        return loss, metrics, grads
+
+    micro = split_micro_batches(batch, m_count, mesh)
+    keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(m_count))
+    step_predicted, step_tokens_L = _token_totals(batch, config.model.num_layers)
+    extra = {"step_predicted": step_predicted, "step_tokens_L": step_tokens_L,
+             "loss_scale": 1.0 / m_count}
+    global_scope = config.moe.balance_scope == "global"
+    if global_scope:
+        def count_one(total_LR, inputs):
+            mb, key = inputs
+            # Fresh Variables at this trace level (nnx refuses ones from the outer trace).
+            model = nnx.merge(model_graphdef, jax.tree.map(lambda x: x, params))
+            _, stats = model(mb["tokens"], mb["segment_ids"], mb["positions"], pool_key=key)
+            return total_LR + stats["counts"].sum(1), None
+
+        zeros_LR = jnp.zeros((config.model.num_layers,
+                              config.moe.num_experts - config.moe.num_shared_experts), jnp.float32)
+        counts_LR, _ = jax.lax.scan(count_one, zeros_LR, (micro, keys))
+        extra["step_counts_LR"] = jax.lax.stop_gradient(counts_LR)
+
+    def accumulate(grads_acc, inputs):
+        mb, key = inputs
+        (loss, metrics), grads = grad_fn(params, mb, key, **extra)
+        return jax.tree.map(jnp.add, grads_acc, grads), (loss, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (losses_M, metrics_M) = jax.lax.scan(accumulate, zeros, (micro, keys))
+    metrics = {}
+    for name, value in metrics_M.items():
+        summed = name in _SUMMED or (name == "balance_loss" and global_scope)
+        metrics[name] = value.sum(0) if summed else value.mean(0)
+    return losses_M.sum(), _load_metrics(metrics), grads
+
+
+def _select(ok, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def make_train_step(config, graphdef, shardings, mesh):
+    """`train_step(state, batch) -> (state, metrics)`, jitted; the state is donated.
+
+    `batch` is the global batch (int32 [B, S] arrays sharded over the batch axes). Metrics are
+    replicated scalars and per-layer arrays (suffix _L); see `emo_jax/train/metrics.py`.
+    """
+    num_shards = parallel.batch_shards(mesh)
+    schedule = optim.learning_rate_schedule(config)
+    inject = config.train.inject_nonfinite_step
+
+    def train_step(state, batch):
+        ts = nnx.merge(graphdef, state)
+        model_graphdef, params = nnx.split(ts.model)
+        old_params = jax.tree.map(lambda x: x, params)
+        old_opt = jax.tree.map(lambda x: x, nnx.state(ts.optimizer))
+        step_key = jax.random.fold_in(ts.rng[...], ts.step[...])
+        loss, metrics, grads = loss_and_grads(model_graphdef, params, batch, config, step_key,
+                                              num_shards, mesh)
+        if inject:
+            poison = jnp.where(ts.step[...] + 1 == inject, jnp.nan, 1.0)
+            loss = loss * poison
+            grads = jax.tree.map(lambda g: g * poison, grads)
+        grad_norm = optim.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        lr = schedule(ts.optimizer.step[...])
+        ts.optimizer.update(ts.model, grads)
+        nnx.update(ts.model, _select(ok, nnx.state(ts.model), old_params))
+        nnx.update(ts.optimizer, _select(ok, nnx.state(ts.optimizer), old_opt))
+        ts.step[...] = ts.step[...] + 1
+        ts.bad_in_a_row[...] = jnp.where(ok, 0, ts.bad_in_a_row[...] + 1)
+        ts.skipped[...] = ts.skipped[...] + (~ok).astype(jnp.int32)
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=lr,
+                       step_ok=ok.astype(jnp.float32), skipped_steps=ts.skipped[...],
+                       bad_steps_in_a_row=ts.bad_in_a_row[...])
+        return nnx.state(ts), metrics
+
+    replicated = NamedSharding(mesh, P())
+    jitted = jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                     out_shardings=(shardings, replicated), donate_argnums=0)
+
+    def run(state, batch):
+        with jax.set_mesh(mesh):
+            return jitted(state, batch)
+
+    run.jitted = jitted
+    return run
+
+
+def eval_sums(model, batch, config, expert_mask_LR=None):
+    """Per-row sums for held-out evaluation (no pool sampling: `moe.eval_pool` applies).
+
+    Returns dict of float32 [B]: `ce_sum` (summed token cross-entropy) and `predicted`
+    (tokens predicted), so any grouping of rows (per domain) averages exactly.
+    """
+    logits_BSV, _ = model(batch["tokens"], batch["segment_ids"], batch["positions"],
+                          pool_key=None, expert_mask_LR=expert_mask_LR)
+    targets_BS, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"])
+    logits_BSV = logits_BSV.astype(jnp.float32)
+    lse_BS = jax.nn.logsumexp(logits_BSV, axis=-1)
+    target_BS = jnp.take_along_axis(logits_BSV, targets_BS[..., None], axis=-1)[..., 0]
+    maskf_BS = mask_BS.astype(jnp.float32)
+    return {"ce_sum": jnp.sum((lse_BS - target_BS) * maskf_BS, -1),
+            "predicted": jnp.sum(maskf_BS, -1)}
+
+
+def make_eval_step(config, model_graphdef, param_shardings, mesh):
+    """`eval_step(params, batch, expert_mask_LR=None) -> {ce_sum, predicted}` per row, jitted.
+
+    `params` is the model's nnx.State (e.g. `state['model']` of a TrainState); an optional bool
+    [L, R] `expert_mask_LR` evaluates a subset of the experts by masking.
+    """
+    replicated = NamedSharding(mesh, P())
+
+    def eval_step(params, batch, expert_mask_LR):
+        model = nnx.merge(model_graphdef, params)
+        return eval_sums(model, batch, config, expert_mask_LR)
+
+    jitted = jax.jit(eval_step, in_shardings=(param_shardings, parallel.batch_sharding(mesh),
+                                              replicated),
+                     out_shardings=replicated)
+
+    def run(params, batch, expert_mask_LR=None):
+        with jax.set_mesh(mesh):
+            return jitted(params, batch, expert_mask_LR)
+
+    return run
