@@ -21,7 +21,7 @@ import time
 from absl import app, flags
 
 from emo_jax.config import default_config
-from emo_jax.data import fill_ratio, make_train_iterator
+from emo_jax.data import fill_ratio, make_tokenizer, make_train_iterator
 from emo_jax.data.train_tokenizer import train as train_sentencepiece
 
 _BATCHES = flags.DEFINE_integer("batches", 200, "Timed batches per configuration.")
@@ -38,6 +38,7 @@ def time_pipeline(tokenizer: str, packing: str, seq_len: int, workers: int = 0,
     c = default_config()
     c.data.update(tokenizer=tokenizer, packing=packing, seq_len=seq_len,
                   batch_size=_BATCH_SIZE.value, worker_count=workers, read_threads=read_threads)
+    c.model.vocab_size = max(c.model.vocab_size, make_tokenizer(tokenizer).vocab_size)
     it = make_train_iterator(c, process_index=0, process_count=1)
     for _ in range(5 if workers == 0 else 20):  # warm-up (workers start, buffers fill)
         next(it)
@@ -78,8 +79,10 @@ def main(argv):
     os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
     with open(_OUT.value, "w") as f:
         json.dump({"machine": f"{platform.node()} ({os.cpu_count()} cpus)",
+                   "load_average_1min_at_end": os.getloadavg()[0],
                    "command": "python bench/bench_pipeline.py", "rows": rows}, f, indent=1)
-    print(f"wrote {_OUT.value}")
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus; "
+          f"wrote {_OUT.value}")
 
 
 if __name__ == "__main__":

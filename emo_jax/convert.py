@@ -55,6 +55,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 TOKENIZER_SUBDIR = "tokenizer"
 
 
+def _refuse_existing(path: str):
+    if os.path.lexists(path):
+        raise InteropError(f"{path} already exists; choose a new output directory (nothing is "
+                           "overwritten)")
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str):
     """Yields a path (not yet created) to build the output in; renamed to `final` on success.
@@ -63,9 +69,7 @@ def atomic_dir(final: str):
     on any failure it is removed, with the `.partial` that save_model may leave.
     """
     final = os.path.abspath(final)
-    if os.path.lexists(final):
-        raise InteropError(f"{final} already exists; choose a new output directory (nothing is "
-                           "overwritten)")
+    _refuse_existing(final)
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.converting-", dir=parent)
@@ -109,6 +113,7 @@ def import_hf(hf_dir: str, out: str) -> str:
     from emo_jax.train.checkpoint import save_model
 
     hf_dir, out = os.path.abspath(hf_dir), os.path.abspath(out)
+    _refuse_existing(out)  # before the (possibly long) conversion; atomic_dir checks again
     hf = read_hf_config(hf_dir)
     config, notes = hf_lib.config_from_hf(hf, name=os.path.join(hf_dir, "config.json"))
     reader = safetensors_io.SafetensorsReader(hf_dir)
@@ -157,8 +162,10 @@ def _lineage(metadata: dict) -> dict:
 
 
 def _is_subset(metadata: dict) -> bool:
-    """Whether the checkpoint is an extracted expert subset (written by emo_jax.extract)."""
-    return any(key in metadata for key in ("subset", "extracted_from", "extract"))
+    """Whether the checkpoint is an extracted expert subset (written by emo_jax.extract, or
+    imported from a pruned Hugging Face model)."""
+    return (any(key in metadata for key in ("subset", "extracted_from", "extract"))
+            or "num_experts_per_layer" in (metadata.get("hf_config") or {}))
 
 
 def _tokenizer_sources(spec: str) -> list[str]:
@@ -166,8 +173,8 @@ def _tokenizer_sources(spec: str) -> list[str]:
         return []
     path = os.path.expanduser(spec[3:])
     folder = path if os.path.isdir(path) else os.path.dirname(path)
-    main = os.path.join(folder, "tokenizer.json") if os.path.isdir(path) else path
-    found = [main] if os.path.isfile(main) else []
+    primary = os.path.join(folder, "tokenizer.json") if os.path.isdir(path) else path
+    found = [primary] if os.path.isfile(primary) else []
     return found + [os.path.join(folder, f) for f in TOKENIZER_FILES[1:]
                     if os.path.isfile(os.path.join(folder, f))]
 
@@ -178,9 +185,7 @@ def export_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: str 
     from emo_jax.modular.runtime import load_model
 
     out = os.path.abspath(out)
-    if os.path.lexists(out):  # fail before the (possibly long) restore
-        raise InteropError(f"{out} already exists; choose a new output directory (nothing is "
-                           "overwritten)")
+    _refuse_existing(out)  # before the (possibly long) restore; atomic_dir checks again
     model, config, metadata = load_model(checkpoint, step=step)  # on one device
     hf = hf_lib.config_to_hf(config, dtype=dtype, subset=_is_subset(metadata),
                              lineage=_lineage(metadata))

@@ -48,7 +48,9 @@ def main(argv):
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))
     print(extract.format_report(report))
-    print(f"wrote {path}")
+    print(f"wrote {path}; fine-tune it with: python -m emo_jax.train --config=YOUR_CONFIG "
+          f"--config.moe.num_experts={small_config.moe.num_experts} "
+          f"--config.moe.top_k={small_config.moe.top_k} --init_checkpoint={path} --workdir=DIR")
 
 
 def run():

@@ -10,7 +10,6 @@ import os
 import random
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -123,9 +122,9 @@ def test_concat_then_split_round_trip(corpus):
     assert fill_ratio(batches) > 0.95
 
 
-def test_byte_order_preserved_inside_documents_across_rows(corpus):
-    """With concat_then_split each document's tokens arrive in order (checked above); with the
-    fit packers each piece is a contiguous slice of its document (the Counter check)."""
+def test_fit_packing_with_many_pieces_per_document(corpus):
+    """Most documents split into several pieces; each must be its own segment, a contiguous
+    slice of its document, none lost or duplicated."""
     texts, path = corpus
     batches, _ = run_epoch(config(path, packing="first_fit", seq_len=16))
     assert collections.Counter(segments(batches)) == ref_pieces(texts, 16)
@@ -186,61 +185,59 @@ def test_mixing_weights(tmp_path):
     assert 0.7 < share < 0.8, share
 
 
-def _save_state_script(tmp_path, cfg, n_before, n_after, workers):
-    """A script that builds the iterator, reads n_before batches, and either saves the state
-    and the next n_after batches ('save') or restores the state and reads them ('restore')."""
-    (tmp_path / "config.json").write_text(cfg.to_json())
-    script = tmp_path / "resume.py"
-    script.write_text(textwrap.dedent(f"""
-        import json, sys
-        import numpy as np
-        from absl import flags
-        from ml_collections import ConfigDict
-        from emo_jax.data.pipeline import make_train_iterator, data_stats
+RESUME_CASES = {"first_fit": 0, "concat_then_split": 0, "best_fit": 2}  # packing: workers
+RESUME_SCRIPT = """
+import json, sys
+import numpy as np
+from absl import flags
+from ml_collections import ConfigDict
+from emo_jax.data.pipeline import make_train_iterator, data_stats
 
-        if __name__ == "__main__":
-            flags.FLAGS(sys.argv[:1])
-            mode, out = sys.argv[1], sys.argv[2]
-            cfg = ConfigDict(json.load(open({str(tmp_path / "config.json")!r})))
-            cfg.data.worker_count = {workers}
-            it = make_train_iterator(cfg, process_index=0, process_count=1)
-            if mode == "save":
-                for _ in range({n_before}):
-                    next(it)
-                with open(out + ".state.json", "w") as f:
-                    json.dump(it.get_state(), f)
-                stats = data_stats(it)
-            else:
-                with open(out + ".state.json") as f:
-                    it.set_state(json.load(f))
-                stats = data_stats(it)
-            batches = [next(it) for _ in range({n_after})]
-            np.savez(out + "." + mode + ".npz",
-                     **{{f"{{i}}_{{k}}": v for i, b in enumerate(batches) for k, v in b.items()}})
-            json.dump(stats, open(out + "." + mode + ".stats.json", "w"))
-            it.close()
-    """))
-    return script
+if __name__ == "__main__":
+    flags.FLAGS(sys.argv[:1])  # Grain worker processes read absl flags
+    phase, out = sys.argv[1], sys.argv[2]
+    for packing, workers in json.loads(sys.argv[3]).items():
+        cfg = ConfigDict(json.load(open(out + ".config.json")))
+        cfg.data.update(packing=packing, worker_count=workers)
+        it = make_train_iterator(cfg, process_index=0, process_count=1)
+        name = f"{out}.{packing}"
+        if phase == "save":
+            for _ in range(7):
+                next(it)
+            json.dump(it.get_state(), open(name + ".state.json", "w"))
+        else:
+            it.set_state(json.load(open(name + ".state.json")))
+        stats = data_stats(it)
+        batches = [next(it) for _ in range(5)]
+        np.savez(f"{name}.{phase}.npz",
+                 **{f"{i}_{k}": v for i, b in enumerate(batches) for k, v in b.items()})
+        json.dump(stats, open(f"{name}.{phase}.stats.json", "w"))
+        it.close()
+"""
 
 
-@pytest.mark.parametrize("mode,workers", [("first_fit", 0), ("concat_then_split", 0),
-                                          ("best_fit", 2)])
-def test_resume_in_fresh_process(corpus, tmp_path, mode, workers):
+def test_resume_in_fresh_process(corpus, tmp_path):
+    """Save the state after 7 batches and record the next 5; a fresh process restores the
+    state (through JSON, as Orbax stores it) and must produce the same 5 batches."""
     _, path = corpus
-    cfg = config(path, packing=mode, num_epochs=0, prefetch=2)
-    script = _save_state_script(tmp_path, cfg, n_before=7, n_after=5, workers=workers)
     out = str(tmp_path / "run")
+    (tmp_path / "run.config.json").write_text(config(path, num_epochs=0, prefetch=2).to_json())
+    (tmp_path / "resume.py").write_text(RESUME_SCRIPT)
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
     for phase in ("save", "restore"):
-        proc = subprocess.run([sys.executable, str(script), phase, out], env=env, timeout=120,
+        proc = subprocess.run([sys.executable, str(tmp_path / "resume.py"), phase, out,
+                               json.dumps(RESUME_CASES)], env=env, timeout=180,
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    saved, restored = np.load(out + ".save.npz"), np.load(out + ".restore.npz")
-    assert sorted(saved.files) == sorted(restored.files) and len(saved.files) == 15
-    for key in saved.files:
-        np.testing.assert_array_equal(saved[key], restored[key])
-    stats = [json.load(open(out + f".{p}.stats.json")) for p in ("save", "restore")]
-    assert stats[0] == stats[1] and stats[0]["documents"] > 0  # counts are checkpointed too
+    for mode, workers in RESUME_CASES.items():
+        saved, restored = (np.load(f"{out}.{mode}.{p}.npz") for p in ("save", "restore"))
+        assert sorted(saved.files) == sorted(restored.files) and len(saved.files) == 15
+        for key in saved.files:
+            np.testing.assert_array_equal(saved[key], restored[key], err_msg=mode)
+        stats = [json.load(open(f"{out}.{mode}.{p}.stats.json")) for p in ("save", "restore")]
+        assert stats[0] == stats[1] and stats[0]["documents"] > 0  # counts resume too
+        state = json.load(open(f"{out}.{mode}.state.json"))
+        assert ("iterators_in_use_states" in json.dumps(state)) == (workers > 0), mode
 
 
 def test_bad_records_skipped_and_counted(tmp_path):
@@ -350,3 +347,27 @@ def test_bundled_corpus_default_trains():
     assert int(max(b["tokens"].max() for b in batches)) < cfg.model.vocab_size
     ev = make_eval_batches(cfg, max_batches=2, process_index=0, process_count=1)
     assert len(ev) == 2 and ev[0]["tokens"].shape == (16, 256)
+
+
+def test_orbax_checkpoint_of_the_iterator(corpus, tmp_path):
+    """The training loop stores the iterator with grain.checkpoint.CheckpointSave in Orbax."""
+    import grain
+    import orbax.checkpoint as ocp
+    _, path = corpus
+    cfg = config(path, num_epochs=0)
+    it = make_train_iterator(cfg, process_index=0, process_count=1)
+    for _ in range(4):
+        next(it)
+    mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"), options=ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=False))
+    mngr.save(4, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+    expected = [next(it) for _ in range(3)]
+    fresh = make_train_iterator(cfg, process_index=0, process_count=1)
+    restored = mngr.restore(4, args=ocp.args.Composite(
+        data_iter=grain.checkpoint.CheckpointRestore(fresh)))["data_iter"]
+    for want in expected:
+        got = next(restored)
+        for key in want:
+            np.testing.assert_array_equal(want[key], got[key])
+    mngr.close()

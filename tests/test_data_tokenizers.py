@@ -48,6 +48,11 @@ def test_bad_specs_and_vocab_check(tmp_path):
     with pytest.raises(ConfigError, match=r"model.vocab_size \(256\) is smaller than the 264 ids "
                        "of tokenizer 'byte'; set model.vocab_size >= 264"):
         check_vocab(ByteTokenizer(), 256)
+    from emo_jax.data.pipeline import make_train_iterator
+    c = default_config()
+    c.model.vocab_size = 200  # the pipeline refuses before anything reaches the embedding
+    with pytest.raises(ConfigError, match=r"model.vocab_size \(200\)"):
+        make_train_iterator(c, process_index=0, process_count=1)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +101,7 @@ def test_sentencepiece_in_pipeline(sp_model, tmp_path):
     c = default_config()
     c.data.update(train_sources=str(tmp_path / "d.jsonl"), tokenizer=f"sentencepiece:{sp_model}",
                   seq_len=64, batch_size=2, num_epochs=1)
+    c.model.vocab_size = 400
     tok = make_tokenizer(c.data.tokenizer)
     segments = [t[s == k] for b in make_train_iterator(c, process_index=0, process_count=1)
                 for t, s in zip(b["tokens"], b["segment_ids"]) for k in range(1, s.max() + 1)]

@@ -56,10 +56,15 @@ def save_tiny_model(tmp_path, config, params, name="model", metadata=None):
                       metadata)
 
 
+def run_module(module, *args):
+    """`python -m module args` on one CPU device (without the 8 simulated devices of tests)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env=dict(env, JAX_PLATFORMS="cpu"))
+
+
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "emo_jax.convert", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return run_module("emo_jax.convert", *args)
 
 
 # ------------------------------------------------------------------------------- round trips
@@ -104,11 +109,6 @@ def test_cli_round_trip_tiny_model_is_bit_exact(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def run_module(module, *args):
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-
-
 def test_round_trip_extracted_subset_is_bit_exact(tmp_path):
     from emo_jax.modular import subset as subset_lib
 
@@ -127,7 +127,8 @@ def test_round_trip_extracted_subset_is_bit_exact(tmp_path):
     params = hf.model_params(small)
     assert small_config.moe.num_experts == 4 and small_config.moe.top_k == 2
 
-    convert.export_hf(str(tmp_path / "small"), str(tmp_path / "hf"))
+    out = run_cli(f"--checkpoint={tmp_path / 'small'}", f"--to_hf={tmp_path / 'hf'}")
+    assert out.returncode == 0, out.stderr
     written = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert written["num_experts"] == 4 and written["num_experts_per_layer"] == [4, 4]
     assert written["num_experts_per_tok"] == 3 and written["num_shared_experts"] == 1
@@ -144,10 +145,31 @@ def test_round_trip_extracted_subset_is_bit_exact(tmp_path):
             tensors[f"model.layers.{layer}.mlp.experts.3.down_proj.weight"],
             full["blocks.moe.shared_down"][layer, 0].T)
 
-    convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+    out = run_cli(f"--from_hf={tmp_path / 'hf'}", f"--out={tmp_path / 'back'}")
+    assert out.returncode == 0, out.stderr
     model, back_config, _ = restore_model(str(tmp_path / "back"))
     assert_params_identical(params, hf.model_params(model))
     assert back_config.to_dict() == small_config.to_dict()
+
+
+@pytest.mark.slow
+def test_training_workdir_step_exports_and_imports(tmp_path):
+    workdir = tmp_path / "run"
+    out = run_module("emo_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+                     "--config.train.steps=2", "--config.checkpoint.every=1",
+                     "--config.checkpoint.async_save=False", "--config.data.batch_size=2",
+                     "--config.data.seq_len=32", "--config.train.eval_every=0",
+                     "--config.train.eval_batches=1")
+    assert out.returncode == 0, out.stderr
+    out = run_cli(f"--checkpoint={workdir}", f"--to_hf={tmp_path / 'hf'}", "--step=1")
+    assert out.returncode == 0, out.stderr
+    lineage = json.loads((tmp_path / "hf" / "config.json").read_text())["emo_jax"]["lineage"]
+    assert lineage["step"] == 1 and lineage["kind"] == "workdir"
+    convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+    trained, config, _ = restore_model(str(workdir), step=1)
+    back, back_config, _ = restore_model(str(tmp_path / "back"))
+    assert_params_identical(hf.model_params(trained), hf.model_params(back))
+    assert back_config.to_dict() == config.to_dict()
 
 
 def test_bfloat16_export_rounds_once_and_imports_exactly(tmp_path):
@@ -178,6 +200,9 @@ def test_sharded_export_writes_an_index_and_reads_back(tmp_path):
     assert index["metadata"]["total_size"] == 4 * sum(
         int(np.prod(s)) for s in hf.hf_shapes(config).values())
     assert not (tmp_path / "hf" / "model.safetensors").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {os.stat(tmp_path / "hf" / n).st_mode & 0o777 for n in shards} == {0o666 & ~umask}
     convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
     model, _, _ = restore_model(str(tmp_path / "back"))
     assert_params_identical(params, hf.model_params(model))
@@ -419,6 +444,8 @@ def test_missing_shard_is_named(tmp_path):
     ({"qk_norm": True}, "qk_norm is true"),
     ({"hidden_act": "gelu"}, "hidden_act is 'gelu'"),
     ({"num_experts_per_tok": 1}, "must exceed num_shared_experts"),
+    ({"hidden_size": "24"}, "hidden_size is '24'; expected a whole number"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling is"),
 ])
 def test_inexpressible_hf_config_is_refused(tmp_path, change, match):
     cfg, tensors = hand_made_hf()
@@ -433,6 +460,9 @@ def test_uniform_num_experts_per_layer_is_accepted(tmp_path):
     convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "out"))
     _, config, _ = restore_model(str(tmp_path / "out"))
     assert config.moe.num_experts == 6
+    convert.export_hf(str(tmp_path / "out"), str(tmp_path / "hf2"))  # still a pruned model
+    written = json.loads((tmp_path / "hf2" / "config.json").read_text())
+    assert written["num_experts"] == 6 and written["num_experts_per_layer"] == [6, 6]
 
 
 def test_qk_norm_model_is_refused_on_export(tmp_path):

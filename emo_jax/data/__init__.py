@@ -1,6 +1,7 @@
 """Text in, packed batches out: sources, tokenizers, the Grain pipeline and a bundled corpus.
 
-  sources.py          spec strings -> random-access documents {'text', 'domain'}; read_documents
+  sources.py          spec strings -> sources of documents {'text', 'domain'}; read_documents
+  records.py          the sources: JSONL, text files, ArrayRecord, TFDS; bad-record markers
   tokenizers.py       byte-level (default), SentencePiece, Hugging Face tokenizer.json
   packing.py          tokenize, count bad records, split, pack rows, batch (Grain stages)
   pipeline.py         make_train_iterator (resumable, per host), make_eval_batches, pack_documents

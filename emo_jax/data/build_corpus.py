@@ -32,10 +32,6 @@ import tempfile
 
 from absl import app, flags
 
-_OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "corpus"),
-                           "Folder to write the corpus into.")
-_DOMAIN_KB = flags.DEFINE_integer("domain_kb", 1000, "Training text per domain, in KB.")
-_SEED = flags.DEFINE_integer("seed", 0, "Selection seed.")
 
 MAX_CHARS, MIN_CHARS, EVAL_SHARE = 4096, 200, 0.05
 SDISTS = {"lz4": "4.4.4", "brotli": "1.1.0"}
@@ -235,16 +231,25 @@ def _write_jsonl_gz(path: str, docs: list[dict]):
             f.write((json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
+def _define_flags():
+    """CLI flags, defined only when run as a program."""
+    flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "corpus"),
+                        "Folder to write the corpus into.")
+    flags.DEFINE_integer("domain_kb", 1000, "Training text per domain, in KB.")
+    flags.DEFINE_integer("seed", 0, "Selection seed.")
+
+
 def main(argv):
     del argv
-    out, rng = _OUT.value, random.Random(_SEED.value)
+    seed, domain_kb = flags.FLAGS.seed, flags.FLAGS.domain_kb
+    out, rng = flags.FLAGS.out, random.Random(seed)
     with tempfile.TemporaryDirectory() as workdir:
         fetched = _fetch(workdir)
         all_train, all_eval, seen = [], [], set()
-        manifest = {"domains": {}, "seed": _SEED.value}
+        manifest = {"domains": {}, "seed": seed}
         for domain, (files, per_file) in candidates(fetched).items():
-            train, evals = build_domain(domain, files, per_file, _DOMAIN_KB.value * 1000,
-                                        random.Random(f"{_SEED.value}:{domain}"), seen)
+            train, evals = build_domain(domain, files, per_file, domain_kb * 1000,
+                                        random.Random(f"{seed}:{domain}"), seen)
             all_train += train
             all_eval += evals
             manifest["domains"][domain] = {
@@ -347,4 +352,5 @@ domain (default 1000 KB).
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

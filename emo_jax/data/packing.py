@@ -3,6 +3,7 @@
 Stages, in pipeline order (each a Grain transform; only `DocumentFilterIterDataset` is ours):
 
   TokenizeDocument     doc -> {'tokens': int32[n] ending in eos} (bad-record markers pass)
+                       (TokenizeIndexedDocument also tags tokens with the document index)
   DocumentFilter...    drops bad-record markers, counts them (or raises), counts documents and
                        tokens; the counts live in the iterator state (key `emo_data_stats`),
                        so they are checkpointed with it and survive Grain worker processes
@@ -34,22 +35,23 @@ PACKINGS = ("first_fit", "best_fit", "concat_then_split")
 
 
 class TokenizeDocument:
-    """doc -> {'tokens': ids + [eos]} (+ 'document_ids' with `with_index`); markers pass."""
+    """doc -> {'tokens': ids + [eos]}; bad-record markers pass through."""
 
-    def __init__(self, tokenizer, *, with_index: bool = False):
-        self.tokenizer, self.with_index = tokenizer, with_index
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
 
-    def _tokenize(self, doc: dict) -> dict:
+    def __call__(self, doc: dict) -> dict:
         if "bad" in doc:
             return doc
         ids = self.tokenizer.encode_array(doc["text"])
         return {"tokens": np.append(ids, np.int32(self.tokenizer.eos_id)).astype(np.int32)}
 
-    def __call__(self, *args):
-        if not self.with_index:
-            return self._tokenize(args[0])
-        index, doc = args
-        out = self._tokenize(doc)
+
+class TokenizeIndexedDocument(TokenizeDocument):
+    """(index, doc) -> tokens plus 'document_ids': index + 1 per token (0 stays padding)."""
+
+    def __call__(self, index: int, doc: dict) -> dict:
+        out = super().__call__(doc)
         if "bad" not in out:
             out["document_ids"] = np.full(out["tokens"].shape, index + 1, np.int32)
         return out

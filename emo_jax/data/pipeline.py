@@ -15,7 +15,9 @@ read once; the others continue where they were in the next epoch. The returned G
 `DatasetIterator` has `get_state()`/`set_state()` (JSON; restored state gives the identical
 next batches when the config, the process count and `data.worker_count` are the same), which
 `grain.checkpoint.CheckpointSave(it)` writes into Orbax checkpoints. `data_stats(it)` gives the
-document, token and bad-record counts read so far.
+document, token and bad-record counts read so far. With `data.num_epochs > 0` hosts may run
+out a batch apart (their slices differ by up to one document); multi-host training should
+repeat forever (0) and stop at train.steps.
 
 With `data.worker_count > 0`, Grain starts worker processes: the main program must have an
 `if __name__ == "__main__":` guard (absl flags are parsed here if the program has not).
@@ -39,7 +41,7 @@ import numpy as np
 from emo_jax.config import ConfigError
 from emo_jax.data import packing
 from emo_jax.data.sources import DataError, bad_record_error, open_source, parse_spec
-from emo_jax.data.tokenizers import make_tokenizer
+from emo_jax.data.tokenizers import check_vocab, make_tokenizer
 
 data_stats = packing.data_stats
 fill_ratio = packing.fill_ratio
@@ -82,7 +84,7 @@ def _require_document(ds: grain.MapDataset, entry: str, on_bad_record: str, wher
 
 def _open_sources(spec: str, *, default: str, key: str, d: ml_collections.ConfigDict,
                   host: tuple[int, int]):
-    """[(entry, weight, host MapDataset of documents)] of a spec; empty ones refused."""
+    """[(entry, host MapDataset of documents)] of a spec; sources without a document refused."""
     pi, pc = host
     out = []
     for entry in parse_spec(spec, default=default, key=key):
@@ -115,6 +117,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, *, process_index: int
     """Endless (or data.num_epochs) host batches: int32 tokens/segment_ids/positions [B_host, S].
 
     B_host = data.batch_size // process_count. Defaults: jax.process_index()/process_count().
+    Raises ConfigError when model.vocab_size does not cover the tokenizer.
     """
     d = config.data
     pi, pc = _processes(process_index, process_count)
@@ -122,6 +125,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, *, process_index: int
         raise ConfigError(f"data.batch_size ({d.batch_size}) must be divisible by the number of "
                           f"processes ({pc})")
     tokenizer = make_tokenizer(d.tokenizer)
+    check_vocab(tokenizer, config.model.vocab_size)
     opened = _open_sources(d.train_sources, default="bundled:train", key="data.train_sources",
                            d=d, host=(pi, pc))
     datasets = [ds.shuffle(seed=_seed(d.seed, k)) if d.shuffle else ds
@@ -151,7 +155,7 @@ def _packed_batches(docs: grain.MapDataset, tokenizer, *, seq_len: int, batch_si
                     with_document_ids: bool, read_threads: int = 2) -> grain.DatasetIterator:
     """One deterministic pass over `docs` (a MapDataset of documents) as padded batches."""
     if with_document_ids:
-        ds = docs.map_with_index(packing.TokenizeDocument(tokenizer, with_index=True))
+        ds = docs.map_with_index(packing.TokenizeIndexedDocument(tokenizer))
     else:
         ds = docs.map(packing.TokenizeDocument(tokenizer))
     it_ds = ds.to_iter_dataset(_read_options(read_threads))
@@ -182,7 +186,9 @@ def make_eval_batches(config: ml_collections.ConfigDict, *, max_batches: int | N
     opened = _open_sources(d.eval_sources, default="bundled:eval", key="data.eval_sources", d=d,
                            host=(0, 1))
     docs = grain.MapDataset.concatenate([ds for _, ds in opened])
-    it = _packed_batches(docs, make_tokenizer(d.tokenizer), seq_len=d.seq_len,
+    tokenizer = make_tokenizer(d.tokenizer)
+    check_vocab(tokenizer, config.model.vocab_size)
+    it = _packed_batches(docs, tokenizer, seq_len=d.seq_len,
                          batch_size=d.batch_size, packing_mode=d.packing,
                          packing_bins=d.packing_bins, on_bad_record=d.on_bad_record,
                          with_document_ids=False, read_threads=d.read_threads)

@@ -23,15 +23,6 @@ from absl import app, flags
 
 from emo_jax.data.sources import read_documents
 
-_SOURCES = flags.DEFINE_string("sources", "", "Sources spec to train on ('' = bundled:train).")
-_OUTPUT = flags.DEFINE_string("output", None, "Output prefix: writes PREFIX.model, PREFIX.vocab.")
-_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8000, "Vocabulary size, specials included.")
-_MODEL_TYPE = flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe"], "Algorithm.")
-_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "JSON key holding the text.")
-_MAX_CHARS = flags.DEFINE_integer("max_chars", 20_000_000, "Characters of text sampled at most.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed for --max_chars.")
-
-
 def training_lines(docs: list[dict], max_chars: int, seed: int) -> list[str]:
     """Non-blank lines of the documents, from a seeded sample of at most `max_chars`."""
     order = list(range(len(docs)))
@@ -63,20 +54,31 @@ def train(sources: str, output: str, vocab_size: int, *, model_type: str = "unig
     return output + ".model"
 
 
+def _define_flags():
+    """CLI flags, defined only when run as a program (importing `train` defines none)."""
+    flags.DEFINE_string("sources", "", "Sources spec to train on ('' = bundled:train).")
+    flags.DEFINE_string("output", None, "Output prefix: writes PREFIX.model, PREFIX.vocab.")
+    flags.DEFINE_integer("vocab_size", 8000, "Vocabulary size, specials included.")
+    flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe"], "Algorithm.")
+    flags.DEFINE_string("text_field", "text", "JSON key holding the text.")
+    flags.DEFINE_integer("max_chars", 20_000_000, "Characters of text sampled at most.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed for --max_chars.")
+
+
 def main(argv):
     del argv
-    if not _OUTPUT.value:
+    f = flags.FLAGS
+    if not f.output:
         raise app.UsageError("--output is required (a path prefix for .model and .vocab)")
     try:
-        path = train(_SOURCES.value, _OUTPUT.value, _VOCAB_SIZE.value,
-                     model_type=_MODEL_TYPE.value, text_field=_TEXT_FIELD.value,
-                     max_chars=_MAX_CHARS.value, seed=_SEED.value)
+        path = train(f.sources, f.output, f.vocab_size, model_type=f.model_type,
+                     text_field=f.text_field, max_chars=f.max_chars, seed=f.seed)
     except RuntimeError as e:  # SentencePiece's own errors, e.g. a vocabulary too large
         sys.exit(f"train_tokenizer: SentencePiece training failed: {str(e).splitlines()[-1]}")
-    print(f"wrote {path} ({_VOCAB_SIZE.value} pieces); use "
-          f"--config.data.tokenizer=sentencepiece:{path} "
-          f"--config.model.vocab_size={_VOCAB_SIZE.value}")
+    print(f"wrote {path} ({f.vocab_size} pieces); use "
+          f"--config.data.tokenizer=sentencepiece:{path} --config.model.vocab_size={f.vocab_size}")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

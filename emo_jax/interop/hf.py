@@ -125,17 +125,22 @@ def _refuse(condition: bool, message: str):
         raise InteropError(message)
 
 
-def _hf_experts_per_layer(hf: dict) -> int:
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _hf_experts_per_layer(hf: dict, name: str) -> int:
     """E of every layer; refuses per-layer counts that differ (emo_jax needs uniform layers)."""
     layers = hf["num_hidden_layers"]
     counts = hf.get("num_experts_per_layer")
     if counts is None:
         return hf["num_experts"]
-    _refuse(not isinstance(counts, list) or len(counts) != layers,
-            f"config.json: num_experts_per_layer must be a list of {layers} counts "
+    _refuse(not isinstance(counts, list) or len(counts) != layers
+            or not all(_is_int(c) and c > 0 for c in counts),
+            f"{name}: num_experts_per_layer must be a list of {layers} positive counts "
             f"(num_hidden_layers), got {counts!r}")
     _refuse(len(set(counts)) != 1,
-            f"config.json: num_experts_per_layer differs across layers ({counts}), but an emo_jax "
+            f"{name}: num_experts_per_layer differs across layers ({counts}), but an emo_jax "
             "model has the same number of experts in every layer")
     return counts[0]
 
@@ -155,6 +160,11 @@ def config_from_hf(hf: Mapping, *, name: str = "config.json"):
             f"(model_type {MODEL_TYPE!r}, {ARCHITECTURE}) can be imported")
     missing = [k for k in _REQUIRED_HF_KEYS if k not in hf]
     _refuse(bool(missing), f"{name}: missing key(s) {', '.join(missing)}")
+    for key in _REQUIRED_HF_KEYS:
+        ok = (isinstance(hf[key], (int, float)) and not isinstance(hf[key], bool)
+              if key in ("rope_theta", "rms_norm_eps") else _is_int(hf[key]))
+        _refuse(not ok, f"{name}: {key} is {hf[key]!r}; expected a "
+                f"{'number' if key in ('rope_theta', 'rms_norm_eps') else 'whole number'}")
     _refuse(bool(hf.get("tie_word_embeddings", False)),
             f"{name}: tie_word_embeddings is true, but emo_jax models have an untied output head")
     _refuse(bool(hf.get("norm_topk_prob", False)),
@@ -169,13 +179,15 @@ def config_from_hf(hf: Mapping, *, name: str = "config.json"):
             f"{name}: rope_scaling is {hf.get('rope_scaling')!r}; emo_jax has plain RoPE only "
             "(rope_scaling null)")
 
-    num_experts = _hf_experts_per_layer(hf)
+    num_experts = _hf_experts_per_layer(hf, name)
     shared = hf["num_shared_experts"]
     top_k = hf["num_experts_per_tok"] - shared  # HF counts the shared experts as active too
     _refuse(top_k < 1, f"{name}: num_experts_per_tok ({hf['num_experts_per_tok']}) must exceed "
             f"num_shared_experts ({shared}): it counts the shared experts too")
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     head_dim = hf.get("head_dim")
+    _refuse(head_dim is not None and not _is_int(head_dim),
+            f"{name}: head_dim is {head_dim!r}; expected a whole number")
     if head_dim is None:
         _refuse(hidden % heads != 0, f"{name}: hidden_size ({hidden}) is not a multiple of "
                 f"num_attention_heads ({heads}) and no head_dim is given")

@@ -47,6 +47,12 @@ def parse_size(text) -> int:
     return size
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def plan_shards(sizes: Mapping[str, int], max_shard_bytes: int) -> list[list[str]]:
     """Consecutive groups of tensor names of at most max_shard_bytes (a larger tensor: alone)."""
     shards, current, used = [], [], 0
@@ -87,6 +93,7 @@ def write_safetensors(out_dir, shapes: Mapping[str, tuple], get: Callable[[str],
             arrays[name] = array
             weight_map[name] = file_name
         save_file(arrays, str(out_dir / file_name), metadata=meta)
+        os.chmod(out_dir / file_name, 0o666 & ~_umask())  # safetensors writes 0600
         del arrays
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}

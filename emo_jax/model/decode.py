@@ -45,33 +45,46 @@ def sample_token(logits_BV, key, temperature: float, top_p: float):
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
+# Compiled decoders by (config, sampling): models of one config share a graph structure, so a
+# process compiles the prefill and the step once per config, not once per call.
+_COMPILED = {}
+
+
 class Decoder:
-    """The jitted prefill and one-token step of one model (compiled once, reused per call)."""
+    """The jitted prefill and one-token step of one model."""
 
     def __init__(self, model, *, temperature: float = 0.0, top_p: float = 1.0):
         self.config = model.config
         graphdef, self.state = nnx.split(model)
-        sampling = dict(temperature=float(temperature), top_p=float(top_p))
+        key = (model.config.to_json(), float(temperature), float(top_p))
+        if key not in _COMPILED:
+            _COMPILED[key] = _build(graphdef, float(temperature), float(top_p))
+        self.prefill, self.step = _COMPILED[key]
 
-        def prefill(state, tokens_BP, cache, expert_mask_LR, key):
-            model = nnx.merge(graphdef, state)
-            positions_BP = jnp.broadcast_to(jnp.arange(tokens_BP.shape[1], dtype=jnp.int32),
-                                            tokens_BP.shape)
-            logits_BPV, cache = model.decode(tokens_BP, positions_BP, cache, 0,
-                                             expert_mask_LR=expert_mask_LR)
-            logits_BV = logits_BPV[:, -1]
-            return sample_token(logits_BV, key, **sampling), logits_BV, cache
 
-        def step(state, token_B, position, cache, expert_mask_LR, key):
-            model = nnx.merge(graphdef, state)
-            positions_B1 = jnp.full((token_B.shape[0], 1), position, jnp.int32)
-            logits_B1V, cache = model.decode(token_B[:, None], positions_B1, cache, position,
-                                             expert_mask_LR=expert_mask_LR)
-            logits_BV = logits_B1V[:, 0]
-            return sample_token(logits_BV, key, **sampling), logits_BV, cache
+def _build(graphdef, temperature: float, top_p: float):
+    """(prefill, step), jitted, of a graph structure; the cache argument is donated."""
+    sampling = dict(temperature=temperature, top_p=top_p)
 
-        self.prefill = jax.jit(prefill, donate_argnames=("cache",))
-        self.step = jax.jit(step, donate_argnames=("cache",))
+    def prefill(state, tokens_BP, cache, expert_mask_LR, key):
+        model = nnx.merge(graphdef, state)
+        positions_BP = jnp.broadcast_to(jnp.arange(tokens_BP.shape[1], dtype=jnp.int32),
+                                        tokens_BP.shape)
+        logits_BPV, cache = model.decode(tokens_BP, positions_BP, cache, 0,
+                                         expert_mask_LR=expert_mask_LR)
+        logits_BV = logits_BPV[:, -1]
+        return sample_token(logits_BV, key, **sampling), logits_BV, cache
+
+    def step(state, token_B, position, cache, expert_mask_LR, key):
+        model = nnx.merge(graphdef, state)
+        positions_B1 = jnp.full((token_B.shape[0], 1), position, jnp.int32)
+        logits_B1V, cache = model.decode(token_B[:, None], positions_B1, cache, position,
+                                         expert_mask_LR=expert_mask_LR)
+        logits_BV = logits_B1V[:, 0]
+        return sample_token(logits_BV, key, **sampling), logits_BV, cache
+
+    return (jax.jit(prefill, donate_argnames=("cache",)),
+            jax.jit(step, donate_argnames=("cache",)))
 
 
 def generate(model, prompt_BP, *, max_new_tokens: int, temperature: float = 0.0,

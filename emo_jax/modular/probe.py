@@ -56,45 +56,21 @@ def _easy_ep_scores(moe, x_BSD, h_BSD, out_BSD, decision):
     return jnp.zeros((r,), jnp.float32).at[expert_idx_TK].add(contribution_TK)
 
 
+# Compiled probes by (config, outputs): models of one config share a graph structure, so the
+# selection and analysis tools compile each probe once per process, not once per call.
+_COMPILED = {}
+
+
 class Probe:
     """Jitted instrumented forward of one model; `probe(batch, expert_mask_LR)` -> numpy dict."""
 
     def __init__(self, model, *, token_probs: bool = False, easy_ep: bool = False):
         self.config = model.config
         graphdef, self.state = nnx.split(model)
-
-        def run(state, tokens_BS, segment_ids_BS, positions_BS, expert_mask_LR):
-            model = nnx.merge(graphdef, state)
-            x_BSD = model.embed[...][tokens_BS]
-            real_BS = segment_ids_BS != 0
-
-            def body(x_BSD, block, mask_R):
-                h_BSD = x_BSD + block.attn(block.attn_norm(x_BSD), segment_ids_BS, positions_BS)
-                xn_BSD = block.moe_norm(h_BSD)
-                y_BSD, stats = block.moe(xn_BSD, segment_ids_BS, None, mask_R)
-                out_BSD = h_BSD + y_BSD
-                result = {"mass_R": stats["prob_sums"].sum(0), "tokens": stats["tokens"].sum()}
-                if token_probs or easy_ep:
-                    logits_BSR = jnp.einsum("bsd,dr->bsr", xn_BSD.astype(jnp.float32),
-                                            block.moe.router[...])
-                if token_probs:
-                    allowed_BSR = jnp.broadcast_to(real_BS[..., None], logits_BSR.shape)
-                    if mask_R is not None:
-                        allowed_BSR = allowed_BSR & mask_R
-                    probs_BSR = jax.nn.softmax(jnp.where(allowed_BSR, logits_BSR, NEG_INF), -1)
-                    result["probs_BSR"] = probs_BSR * allowed_BSR
-                if easy_ep:
-                    decision = routing.route(logits_BSR, segment_ids_BS, block.moe.top_k, None,
-                                             mask_R)
-                    result["easy_ep_R"] = _easy_ep_scores(block.moe, xn_BSD, h_BSD, out_BSD,
-                                                          decision)
-                return out_BSD, result
-
-            scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
-            _, per_layer = scan(x_BSD, model.blocks, expert_mask_LR)
-            return per_layer
-
-        self._run = jax.jit(run)
+        key = (model.config.to_json(), token_probs, easy_ep)
+        if key not in _COMPILED:
+            _COMPILED[key] = _build(graphdef, token_probs, easy_ep)
+        self._run = _COMPILED[key]
 
     def __call__(self, batch: dict, expert_mask_LR=None) -> dict:
         mask = None if expert_mask_LR is None else jnp.asarray(expert_mask_LR, bool)
@@ -103,3 +79,40 @@ class Probe:
         names = {"mass_R": "mass_LR", "tokens": "tokens_L", "probs_BSR": "probs_LBSR",
                  "easy_ep_R": "easy_ep_LR"}
         return {names[k]: np.asarray(v) for k, v in out.items()}
+
+
+def _build(graphdef, token_probs: bool, easy_ep: bool):
+    """The jitted probe of a graph structure."""
+
+    def run(state, tokens_BS, segment_ids_BS, positions_BS, expert_mask_LR):
+        model = nnx.merge(graphdef, state)
+        x_BSD = model.embed[...][tokens_BS]
+        real_BS = segment_ids_BS != 0
+
+        def body(x_BSD, block, mask_R):
+            h_BSD = x_BSD + block.attn(block.attn_norm(x_BSD), segment_ids_BS, positions_BS)
+            xn_BSD = block.moe_norm(h_BSD)
+            y_BSD, stats = block.moe(xn_BSD, segment_ids_BS, None, mask_R)
+            out_BSD = h_BSD + y_BSD
+            result = {"mass_R": stats["prob_sums"].sum(0), "tokens": stats["tokens"].sum()}
+            if token_probs or easy_ep:
+                logits_BSR = jnp.einsum("bsd,dr->bsr", xn_BSD.astype(jnp.float32),
+                                        block.moe.router[...])
+            if token_probs:
+                allowed_BSR = jnp.broadcast_to(real_BS[..., None], logits_BSR.shape)
+                if mask_R is not None:
+                    allowed_BSR = allowed_BSR & mask_R
+                probs_BSR = jax.nn.softmax(jnp.where(allowed_BSR, logits_BSR, NEG_INF), -1)
+                result["probs_BSR"] = probs_BSR * allowed_BSR
+            if easy_ep:
+                decision = routing.route(logits_BSR, segment_ids_BS, block.moe.top_k, None,
+                                         mask_R)
+                result["easy_ep_R"] = _easy_ep_scores(block.moe, xn_BSD, h_BSD, out_BSD,
+                                                      decision)
+            return out_BSD, result
+
+        scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+        _, per_layer = scan(x_BSD, model.blocks, expert_mask_LR)
+        return per_layer
+
+    return jax.jit(run)

@@ -74,9 +74,9 @@ def check_keep(keep: int, config) -> int:
     if not isinstance(keep, (int, np.integer)) or isinstance(keep, bool) or \
             not shared < keep <= total:
         raise SubsetError(
-            f"--keep={keep} is not valid for this model: K counts the {shared} shared expert(s) "
-            f"and must keep at least one routed expert, so {shared + 1} <= K <= {total} "
-            f"(the experts per layer)")
+            f"K={keep} (--keep) is not valid for this model: K counts its {shared} shared "
+            f"expert(s) and must keep at least one routed expert, so {shared + 1} <= K <= "
+            f"{total} (the experts per layer)")
     return int(keep)
 
 
@@ -208,10 +208,24 @@ def save(subset: Subset, path: str) -> str:
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(subset.to_json(), f, indent=1)
-        f.write("\n")
+        f.write(dumps(subset))
     os.replace(tmp, path)
     return path
+
+
+def dumps(subset: Subset) -> str:
+    """The file text: indented JSON with one line per layer for the per-layer lists."""
+    obj = subset.to_json()
+    if obj.get("scores") is not None:
+        obj["scores"] = [[float(f"{x:.8g}") for x in row] for row in obj["scores"]]
+    parts = []
+    for key, value in obj.items():
+        if key in ("layers", "scores", "filled"):
+            text = "[\n" + ",\n".join("    " + json.dumps(row) for row in value) + "\n  ]"
+        else:
+            text = json.dumps(value, indent=2).replace("\n", "\n  ")
+        parts.append(f"  {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def _normalised(scores) -> np.ndarray:

@@ -93,10 +93,10 @@ def _like_keys(tree, like):
     return tree
 
 
-def _flat_shapes(tree) -> dict[str, tuple]:
+def _flat_shapes(tree, prefix: str) -> dict[str, tuple]:
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        name = "/".join([prefix] + [str(getattr(k, "key", getattr(k, "idx", k))) for k in path])
         out[name] = tuple(leaf.shape)
     return out
 
@@ -135,9 +135,10 @@ def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
     return validate(config)
 
 
-def _check_shapes(saved_tree, target_tree, where: str, saved_config: dict | None, config):
+def _check_shapes(saved_tree, target_tree, where: str, saved_config: dict | None, config,
+                  prefix: str = "params"):
     """Raises CheckpointMismatchError naming config keys and arrays that differ."""
-    saved, target = _flat_shapes(saved_tree), _flat_shapes(target_tree)
+    saved, target = _flat_shapes(saved_tree, prefix), _flat_shapes(target_tree, prefix)
     problems = []
     for name in sorted(set(saved) | set(target)):
         if name not in saved:
@@ -237,7 +238,7 @@ class Checkpointer:
         _check_shapes(saved["params"], _str_keys(target_params), where, meta.get("config"),
                       self.config)
         _check_shapes(saved["train_state"], _str_keys(target_rest), where, meta.get("config"),
-                      self.config)
+                      self.config, prefix="train_state")
         restored = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(_str_keys(target_params)),
             train_state=ocp.args.StandardRestore(_str_keys(target_rest)),
