@@ -3,6 +3,7 @@ layer-by-layer procedure, Easy-EP, random, and bad K."""
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from emo_jax.modular import select, subset as subset_lib
 from emo_jax.modular.probe import Probe
@@ -35,7 +36,8 @@ def reference_mass(model, mask_LR=None):
 
 
 def test_probe_matches_the_model_statistics(model, batches):
-    logits, stats = model(*(batches[0][k] for k in ("tokens", "segment_ids", "positions")))
+    logits, stats = nnx.jit(lambda m, t, s, p: m(t, s, p))(
+        model, *(batches[0][k] for k in ("tokens", "segment_ids", "positions")))
     out = Probe(model)(batches[0])
     np.testing.assert_allclose(out["mass_LR"], np.asarray(stats["prob_sums"]).sum(1), rtol=1e-5)
     np.testing.assert_array_equal(out["tokens_L"], [len(DOC_A) + len(DOC_B)] * 2)

@@ -114,6 +114,26 @@ def _fetch(workdir: str) -> dict:
     return got
 
 
+def _fetched_licenses(fetched: dict) -> dict[str, str]:
+    """License texts of the downloaded sources, for corpus/licenses/."""
+    texts = {}
+    with tarfile.open(fetched["lz4"]) as tar:
+        texts["lz4-python-bindings-LICENSE.txt"] = _member_text(tar, r"^lz4-[^/]+/LICENSE$")
+        header = _member_text(tar, r"/lz4libs/lz4\.c$")
+        texts["lz4-library-LICENSE.txt"] = header[:header.index("*/") + 2] + "\n"
+    with tarfile.open(fetched["brotli"]) as tar:
+        texts["brotli-LICENSE.txt"] = _member_text(tar, r"^Brotli-[^/]+/LICENSE$")
+    for deb in DEBS:
+        with open(os.path.join(fetched[deb][0], "usr/share/doc", deb, "copyright")) as f:
+            texts[f"{deb}-copyright.txt"] = f.read()
+    return texts
+
+
+def _member_text(tar: tarfile.TarFile, pattern: str) -> str:
+    member = next(m for m in tar.getmembers() if re.search(pattern, m.name))
+    return tar.extractfile(member).read().decode("utf-8")
+
+
 def _sdist_files(tar_path: str, name: str, rules: list[tuple[str, str]]):
     """C files of an sdist: [(loader, source, license)] for members matching a rule's regex."""
     out = []
@@ -245,6 +265,7 @@ def main(argv):
     out, rng = flags.FLAGS.out, random.Random(seed)
     with tempfile.TemporaryDirectory() as workdir:
         fetched = _fetch(workdir)
+        fetched_licenses = _fetched_licenses(fetched)
         all_train, all_eval, seen = [], [], set()
         manifest = {"domains": {}, "seed": seed}
         for domain, (files, per_file) in candidates(fetched).items():
@@ -270,6 +291,9 @@ def main(argv):
     for name, path in LICENSE_FILES.items():
         if os.path.isfile(path):
             shutil.copyfile(path, os.path.join(out, "licenses", name))
+    for name, text in fetched_licenses.items():
+        with open(os.path.join(out, "licenses", name), "w") as f:
+            f.write(text)
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
     _write_readme(out, manifest)
@@ -316,7 +340,7 @@ from 200 bytes to 4 KB. Eval documents come from files that no training document
 - **c**: the C sources of lz4 4.4.4 and Brotli 1.1.0 from their PyPI sdists (lz4 library
   BSD-2-Clause, lz4 bindings BSD-3-Clause, Brotli MIT; each file keeps its license header)
   and the glibc headers of libc6-dev (`/usr/include/*.h`, LGPL-2.1-or-later). Files that are
-  mostly numeric tables are left out.
+  mostly numeric tables are left out. The lz4 and Brotli license texts are in licenses/.
 - **perl**: Perl 5.36 core modules (perl-modules-5.36, `*.pm`), Artistic-1.0-Perl OR
   GPL-1.0-or-later.
 - **prose**: *The Devil's Dictionary* by Ambrose Bierce (Debian dict-devil) and the Jargon
@@ -336,8 +360,9 @@ from 200 bytes to 4 KB. Eval documents come from files that no training document
   licenses/manpages-copyright.txt.
 
 All of it is redistributable under the licenses named; the texts that those licenses ask to
-accompany copies are in `licenses/` (GPL-1, GPL-2, LGPL-2.1, Artistic, and the Debian
-copyright files of the packages used). The MIT and BSD notices travel inside the C files.
+accompany copies are in `licenses/`: GPL-1, GPL-2, LGPL-2.1, Artistic, the lz4 and Brotli
+licenses, and the Debian copyright files of the packages used. Documents are pieces of files,
+so a file's own license header is in its first piece only; the `license` field is on all.
 
 ## Rebuild
 

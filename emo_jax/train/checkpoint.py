@@ -180,13 +180,21 @@ def has_checkpoints(workdir: str) -> bool:
 
 
 def _manager(directory: str, keep: int | None, async_save: bool, read_only: bool = False):
+    """The Orbax manager of a checkpoints directory. Tools open it read-only: a read-only
+    manager never cleans up the temporary directory of a save still in progress."""
     handlers = {"params": ocp.StandardCheckpointHandler(),
                 "train_state": ocp.StandardCheckpointHandler(),
                 "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
-        read_only=read_only)
-    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+        read_only=read_only, save_interval_steps=0 if read_only else 1)
+    verbosity = logging.get_verbosity()
+    if read_only:  # Orbax warns that a read-only directory is read-only
+        logging.set_verbosity(logging.ERROR)
+    try:
+        return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def _split_state(state):

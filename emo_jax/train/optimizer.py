@@ -21,27 +21,37 @@ import optax
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
-    """Learning rate as a function of the optimiser step (0-based count of applied updates)."""
+    """Learning rate of update n (0-based count of applied updates).
+
+    Warm-up: lr * (n + 1) / warmup_steps, so the first update already moves and update
+    warmup_steps - 1 is at the peak. Decay over `decay` = steps - warmup - anneal updates:
+    cosine or linear from lr to lr * final_lr_fraction (or constant lr). Anneal: linear from the
+    decay's end value towards 0 over the last anneal_steps updates.
+    """
     t = config.train
     warmup = min(t.warmup_steps, t.steps)
     anneal = min(t.anneal_steps, t.steps - warmup)
     decay = max(t.steps - warmup - anneal, 1)
-    final = t.lr * (1.0 if t.schedule == "constant" else t.final_lr_fraction)
-    if t.schedule == "cosine":
-        main = optax.cosine_decay_schedule(t.lr, decay, alpha=t.final_lr_fraction)
-    elif t.schedule == "linear":
-        main = optax.linear_schedule(t.lr, final, decay)
-    else:
-        main = optax.constant_schedule(t.lr)
-    parts = [main]
-    boundaries = []
-    if warmup > 0:
-        parts.insert(0, optax.linear_schedule(0.0, t.lr, warmup))
-        boundaries.append(warmup)
-    if anneal > 0:
-        parts.append(optax.linear_schedule(final, 0.0, anneal))
-        boundaries.append(warmup + decay)
-    return optax.join_schedules(parts, boundaries) if boundaries else main
+    peak = t.lr
+    final = peak * (1.0 if t.schedule == "constant" else t.final_lr_fraction)
+
+    def schedule(count):
+        n = jnp.asarray(count, jnp.float32)
+        warm = peak * jnp.minimum((n + 1.0) / max(warmup, 1), 1.0)
+        p = jnp.clip((n - warmup) / decay, 0.0, 1.0)
+        if t.schedule == "cosine":
+            main = final + (peak - final) * 0.5 * (1.0 + jnp.cos(jnp.pi * p))
+        elif t.schedule == "linear":
+            main = peak + (final - peak) * p
+        else:
+            main = jnp.full_like(n, peak)
+        lr = jnp.where(n < warmup, warm, main)
+        if anneal > 0:
+            q = jnp.clip((n - warmup - decay) / anneal, 0.0, 1.0)
+            lr = jnp.where(n >= warmup + decay, final * (1.0 - q), lr)
+        return lr
+
+    return schedule
 
 
 def _path_names(path) -> list[str]:
