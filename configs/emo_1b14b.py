@@ -1,6 +1,6 @@
 """The reference EMO recipe (EMO_METHOD.md §3): about 14B parameters, about 1B active.
 
-    python -m emo_jax.train --config=configs/emo_1b14b.py --workdir=gs://BUCKET/emo_1b14b \\
+    python -m emo_jax.train --config=configs/emo_1b14b.py --workdir=/shared/emo_1b14b \\
         --config.data.train_sources=PATH_OR_SPEC \\
         --config.data.tokenizer=hf:PATH/TO/dolma2-tokenizer/tokenizer.json
 

@@ -2,7 +2,7 @@
 pool switched off (`moe.pool='none'`: every token routes over all 127 routed experts). Every
 other key is identical, so the two runs are comparable (EMO_METHOD.md §1.5).
 
-    python -m emo_jax.train --config=configs/stdmoe_1b14b.py --workdir=gs://BUCKET/stdmoe_1b14b \\
+    python -m emo_jax.train --config=configs/stdmoe_1b14b.py --workdir=/shared/stdmoe_1b14b \\
         --config.data.train_sources=PATH_OR_SPEC \\
         --config.data.tokenizer=hf:PATH/TO/dolma2-tokenizer/tokenizer.json
 """

@@ -74,7 +74,6 @@ def reference_forward(model, ids, mask_LR=None):
     c = model.config
     m, e = c.model, c.moe
     p = nnx.to_pure_dict(nnx.state(model))
-    p = {k: np.asarray(v, np.float64) if not isinstance(v, dict) else v for k, v in p.items()}
     b = p["blocks"]
 
     def get(*path):

@@ -62,7 +62,7 @@ def test_subset_of_another_model_is_refused():
         extract.extract(model, subset)
 
 
-def test_extracted_checkpoint_restores_and_selects_again(tmp_path):
+def test_extracted_checkpoint_restores(tmp_path):
     from emo_jax.modular.runtime import load_model
     from emo_jax.train.checkpoint import save_model
 
@@ -73,7 +73,5 @@ def test_extracted_checkpoint_restores_and_selects_again(tmp_path):
     restored, config, metadata = load_model(str(tmp_path / "small"))
     assert config.moe.num_experts == 5 and metadata["extract"] == report
     np.testing.assert_array_equal(logits_of(restored), logits_of(small))
-    again = select.select(restored, [ROW], 3, "layerwise")
-    assert again.model["shape"]["moe.num_experts"] == 5
     with pytest.raises(subset_lib.SubsetError, match="another model"):
         subset.check_model(config, restored)

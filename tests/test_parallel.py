@@ -201,7 +201,9 @@ def test_rows_are_contiguous_per_device():
 
 
 def collectives(hlo_text):
-    """(kind, result shapes, replica groups) of every collective in compiled HLO text."""
+    """(kind, result shapes, replica groups) of every collective in compiled HLO text; groups
+    as sorted tuples of positions in the program's device list, whichever way XLA prints them
+    (explicit lists, iota '[4,2]<=[8]', or mesh axes "mesh['a'=2,'b'=4] {'b'}")."""
     out = []
     pattern = re.compile(r"= (\(.*?\)|\S+) (all-to-all|all-gather|all-reduce|reduce-scatter|"
                          r"collective-permute)(?:-start)?\(")
@@ -210,17 +212,38 @@ def collectives(hlo_text):
         if m:
             shapes = [tuple(int(d) for d in dims.split(",") if d)
                       for dims in re.findall(r"\[([\d,]*)\]", m.group(1))]
-            groups = re.search(r"replica_groups=(\{\{[\d,{}]*\}\}|\S+)", line)
-            out.append((m.group(2), shapes, groups.group(1) if groups else ""))
+            out.append((m.group(2), shapes, replica_groups(line)))
     return out
+
+
+def replica_groups(line):
+    if m := re.search(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}", line):
+        groups = [[int(i) for i in g.split(",") if i] for g in re.findall(r"\{([\d,]*)\}",
+                                                                          m.group(1))]
+    elif m := re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line):
+        shape, dims = [[int(i) for i in g.split(",")] for g in m.groups()[:2]]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if m.group(3):
+            ids = ids.transpose([int(i) for i in m.group(3).split(",")])
+        groups = ids.reshape(shape).tolist()
+    elif m := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line):
+        axes = re.findall(r"'(\w+)'=(\d+)", m.group(1))
+        names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
+        grouped = [names.index(a) for a in re.findall(r"'(\w+)'", m.group(2))]
+        ids = np.arange(math.prod(sizes)).reshape(sizes)
+        rest = [i for i in range(len(sizes)) if i not in grouped]
+        groups = ids.transpose(rest + grouped).reshape(-1, math.prod(
+            sizes[i] for i in grouped)).tolist()
+    else:
+        return None
+    return tuple(sorted(tuple(sorted(g)) for g in groups))
 
 
 def test_compiled_train_step_uses_all_to_all_and_never_gathers_all_experts():
     *_, mesh, compiled = on_mesh((2, 2, 2))
     ops = collectives(compiled.as_text())
-    expert_groups = "{" + ",".join(
-        "{" + ",".join(str(d.id) for d in mesh.devices[i, j, :]) + "}"
-        for i in range(2) for j in range(2)) + "}"
+    # Positions in the mesh's device list that differ only in their 'expert' coordinate.
+    expert_groups = tuple(tuple(g) for g in np.arange(8).reshape(2, 2, 2).reshape(4, 2).tolist())
     a2a = [op for op in ops if op[0] == "all-to-all"]
     assert a2a and all(groups == expert_groups for _, _, groups in a2a), (expert_groups, a2a)
     # Dispatch and combine in the forward pass, their transposes in the backward pass.

@@ -132,7 +132,7 @@ def test_checkpoint_of_another_model_shape_is_refused(reference, tmp_path):
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: "), proc.stderr
     assert "another shape" in err[0] and "model.d_model=64 there but 48 here" in err[0]
-    assert "params/embed is (264, 64) there but (264, 48) here" in err[0]
+    assert "params/blocks/attn/wq is (2, 64, 4, 16) there but (2, 48, 4, 16) here" in err[0]
     assert "Traceback" not in proc.stderr
     assert sorted(os.listdir(workdir / "checkpoints")) == before
 

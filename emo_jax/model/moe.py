@@ -121,7 +121,7 @@ class MoE(nnx.Module):
         path, which never drops.
         """
         weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
-        mesh = moe_parallel.ambient_mesh()
+        mesh = moe_parallel.ambient_mesh(x_TD.shape[0])
         if mesh is None:
             y_TD, rows = dispatch_local(x_TD, expert_idx_TK, weights_TK, *weights,
                                         impl=self.impl, block_size=self.block_size,

@@ -1,9 +1,11 @@
-"""The routed experts of one MoE layer on a device mesh: `jax.shard_map` over every mesh axis,
-with expert parallelism over the 'expert' axis.
+"""The MoE layer on a device mesh: routing and routed experts run per device under
+`jax.shard_map`, with expert parallelism over the 'expert' axis.
 
-Each device routes its own rows (routing happens before, under GSPMD); here each device sends
-every assignment to the device that owns its expert, runs its local experts with the grouped
-matmul of the one-device path, and sends the results back. Two dispatches:
+`MoE` calls `route` and `routed_experts` here when `jax.set_mesh` set a mesh at trace time.
+Routing is row-local, so each device routes its own rows (the pure functions of `routing.py`).
+Then each device sends every assignment to the device that owns its expert, runs its local
+experts with the grouped matmul of the one-device path, and sends the results back. Two
+dispatches (`moe.dispatch`; 'auto' takes 'ragged' where the backend has it):
 
 * 'capacity': `jax.lax.all_to_all` on fixed [E, C, D] buffers, on every backend (XLA:CPU
   included). An expert takes at most C assignments from each device, in slot order (token-major,
@@ -13,20 +15,20 @@ matmul of the one-device path, and sends the results back. Two dispatches:
   the static worst-case size.
 
 With an 'expert' axis of size 1 the same shard_map runs the dropless one-device path on each
-device's rows, with no communication but the weight gathers. That is the data/fsdp layout:
-left to GSPMD, the sort by expert over a batch sharded on T is a sort over the whole global
-batch (XLA gathers it), replicated on every device.
+device's rows, with no communication but the weight gathers. Left to GSPMD, the sort by expert
+over a batch sharded on T would be a sort over the whole global batch, on every device.
 
 Expert weights arrive sharded over 'expert' on their leading axis and, as `mesh.rules` says,
-over other mesh axes (e.g. 'fsdp' on 'embed'); the other axes are all-gathered inside each
-expert shard, so no device ever holds more than its E/EP experts.
+over other mesh axes (e.g. 'fsdp' on 'embed'); those are all-gathered inside each expert shard,
+so no device ever holds more than its E/EP experts.
 
-This module never routes, never forms a loss, and never computes an expert densely for every
-token.
+This module makes no routing decision of its own, forms no loss, and never computes an expert
+densely for every token.
 
 Glossary: T tokens on this device, K top-k, A = T*K assignments, E routed experts, EP size of the
 'expert' axis, El = E/EP experts per device, C capacity slots per (source device, expert),
-D d_model, F expert hidden, S source devices (= EP), N rows of a receive buffer.
+D d_model, F expert hidden, S devices of the 'expert' axis (= EP), J local experts of a device
+(El of them), N rows of a receive buffer. `route` keeps routing.py's letters (B rows, S positions, R routed experts).
 """
 
 from __future__ import annotations
@@ -47,15 +49,19 @@ DISPATCHES = ("auto", "capacity", "ragged")
 _RAGGED_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 
 
-def ambient_mesh():
-    """The mesh set by `jax.set_mesh` at trace time when the routed experts should be sharded on
-    it (it has the batch axes, none of them already manual, and more than one device); else None.
+def ambient_mesh(rows: int):
+    """The mesh set by `jax.set_mesh` at trace time when `rows` (a leading batch axis) should be
+    split over it: it has the batch axes, none of them already manual, more than one device, and
+    `rows` divides evenly (else, e.g. decoding one sequence, the one-device path runs under
+    GSPMD: correct, not sharded). None otherwise.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or not set(BATCH_AXES) <= set(mesh.axis_names):
         return None
     types = dict(zip(mesh.axis_names, mesh.axis_types))
     if any(types[a] == AxisType.Manual for a in BATCH_AXES):
+        return None
+    if rows % math.prod(mesh.shape[a] for a in BATCH_AXES):
         return None
     return mesh
 
@@ -67,7 +73,7 @@ def route(logits_BSR, segment_ids_BS, top_k: int, pool_size_BN=None, expert_mask
     every device (seen in the compiled HLO on a (2, 2, 2) mesh): at 4M tokens x 127 experts that
     is 2 GB per layer per device.
     """
-    mesh = ambient_mesh()
+    mesh = ambient_mesh(logits_BSR.shape[0])
     if mesh is None:
         return routing.route(logits_BSR, segment_ids_BS, top_k, pool_size_BN, expert_mask_R)
     rows = P(BATCH_AXES)
@@ -221,22 +227,23 @@ def capacity_dispatch(x_TD, expert_idx_TK, weights_TK, w_gate_EDF, w_up_EDF, w_d
     dest_A, kept_E, dropped = capacity_slots(expert_idx_TK, weights_TK, e, cap)
     x_AD = jnp.repeat(x_TD.astype(dt), k, axis=0)
     send_ECD = jnp.zeros((e * cap, d), dt).at[dest_A].set(x_AD, mode="drop")
-    # Device j owns experts [j*El, (j+1)*El): block j of the buffer goes to device j.
-    recv_SXD = jax.lax.all_to_all(send_ECD.reshape(ep, el * cap, d), EXPERT_AXIS, 0, 0)
-    recv_kept_SX = jax.lax.all_to_all(kept_E.reshape(ep, el), EXPERT_AXIS, 0, 0)
+    # Device s owns experts [s*El, (s+1)*El): block s of the buffer goes to device s, and what
+    # arrives is [source device, local expert, slot].
+    recv_SJCD = jax.lax.all_to_all(send_ECD.reshape(ep, el, cap, d), EXPERT_AXIS, 0, 0)
+    recv_kept_SJ = jax.lax.all_to_all(kept_E.reshape(ep, el), EXPERT_AXIS, 0, 0)
 
-    # Received rows are [source, local expert, slot]; a slot is live below the source's count.
-    # Reusing the dropless local path (sort + grouped matmul) runs the experts on the live rows
-    # only, not on the C - count padding slots that a dense [El, S*C, D] einsum would compute.
-    live_SXC = jnp.arange(cap)[None, None, :] < recv_kept_SX[:, :, None]
-    local_expert_SXC = jnp.broadcast_to(jnp.arange(el)[None, :, None], (ep, el, cap))
+    # A slot is live below its source's count. Reusing the dropless local path (sort + grouped
+    # matmul) runs the experts on the live rows only, not on the empty slots that a dense
+    # [El, S*C, D] einsum would compute too.
+    live_SJC = jnp.arange(cap)[None, None, :] < recv_kept_SJ[:, :, None]
+    local_expert_SJC = jnp.broadcast_to(jnp.arange(el)[None, :, None], (ep, el, cap))
     y_ND, rows = local_moe.dispatch_local(
-        recv_SXD.reshape(-1, d), local_expert_SXC.reshape(-1, 1),
-        live_SXC.reshape(-1, 1).astype(jnp.float32), w_gate_EDF, w_up_EDF, w_down_EFD,
+        recv_SJCD.reshape(-1, d), local_expert_SJC.reshape(-1, 1),
+        live_SJC.reshape(-1, 1).astype(jnp.float32), w_gate_EDF, w_up_EDF, w_down_EFD,
         impl=impl, block_size=block_size, compute_dtype=compute_dtype)
 
-    back_ECD = jax.lax.all_to_all(y_ND.astype(dt).reshape(ep, el * cap, d), EXPERT_AXIS, 0, 0)
-    y_AD = back_ECD.reshape(e * cap, d).at[dest_A].get(mode="fill", fill_value=0)
+    back_SJCD = jax.lax.all_to_all(y_ND.astype(dt).reshape(ep, el, cap, d), EXPERT_AXIS, 0, 0)
+    y_AD = back_SJCD.reshape(e * cap, d).at[dest_A].get(mode="fill", fill_value=0)
     y_TD = jnp.einsum("tkd,tk->td", y_AD.reshape(t, k, d).astype(jnp.float32),
                       weights_TK.astype(jnp.float32))
     return y_TD, rows, dropped

@@ -11,6 +11,9 @@
   clusters.png         the token embeddings of the clustering (first two principal components)
                        coloured by domain and by cluster
   analysis.json        every number behind the pictures
+  tokens.npz           per clustered token: `cluster`, `domain` (index into analysis.json's
+                       `domains`), `document` (index of its document), `xy` (the two
+                       coordinates plotted)
   report.md            a short report that embeds the pictures
 
 Clustering (EMO_METHOD.md §4): the router softmax of the first `first_tokens` tokens of each
@@ -264,6 +267,8 @@ def analyze(model, docs, out_dir: str, *, tokenizer=None, clusters: int = 32,
     labels = domains_of(docs)
     domain_N = np.asarray([names.index(labels[i]) for i in owners])
     plot_clusters(os.path.join(out_dir, "clusters.png"), emb, domain_N, names, cluster_N, seed)
+    np.savez_compressed(os.path.join(out_dir, "tokens.npz"), cluster=cluster_N,
+                        domain=domain_N, document=owners, xy=emb[:, :2])
     labelled = np.asarray([labels[i] != UNLABELLED for i in owners])
     scores = {}
     if labelled.any() and len({labels[i] for i in owners[labelled]}) > 1:

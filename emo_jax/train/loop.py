@@ -23,6 +23,7 @@ This module never builds the model or the optimiser itself (step.py) and never f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -107,157 +108,186 @@ def _init_params_from(path: str, state, config):
     return meta
 
 
-def train_and_evaluate(config, workdir: str, *, init_checkpoint: str | None = None) -> dict:
-    """Trains to `config.train.steps` in `workdir` (resuming if it holds checkpoints).
+def _config_changes(saved: dict, config) -> list[str]:
+    now = json.loads(config.to_json())
+    changes = []
+    for section, values in now.items():
+        for key, value in values.items():
+            old = saved.get(section, {}).get(key)
+            if old != value and not isinstance(value, dict):
+                changes.append(f"{section}.{key} {old!r} -> {value!r}")
+    return changes
 
-    Returns {'step', 'loss', 'eval_loss', 'skipped_steps', 'preempted' (signal name or None),
-    'resumed_from' (step or None)}.
-    """
-    validate(config)
-    from emo_jax.data.tokenizers import check_vocab, make_tokenizer
-    from emo_jax.model.summary import summarize
 
-    check_vocab(make_tokenizer(config.data.tokenizer), config.model.vocab_size)
-    mesh = parallel.make_mesh(config)
-    parallel.check_batch(config, mesh)
-    parallel.check_experts(config, mesh)
+def _process_rows(config, mesh) -> tuple[int, int]:
     rows = parallel.process_rows(mesh, config.data.batch_size)
     if rows.size == 0 or not np.array_equal(rows, np.arange(rows[0], rows[0] + rows.size)):
         raise TrainingError("this process's batch rows are not one contiguous block of the "
                             "global batch; build the mesh from jax.devices() in their order")
-    rows = (int(rows[0]), int(rows[0] + rows.size))
-    workdir = os.path.abspath(workdir)
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-    summary = summarize(config)
-    checkpointer = ckpt_lib.Checkpointer(workdir, config)
-    graphdef, abstract, shardings = step_lib.abstract_state(config, mesh)
+    return int(rows[0]), int(rows[0] + rows.size)
 
-    restored = checkpointer.restore_latest(abstract)
-    resumed_from = None
-    if restored is not None:
-        state, data_state, meta = restored
-        start = int(meta["step"])
-        resumed_from = start
-        feed = DataFeed(config, num_shards=data_state["num_shards"], rows=rows)
-        feed.set_state(data_state)
-        if init_checkpoint:
-            logging.info("workdir has checkpoints: --init_checkpoint ignored (resuming)")
-    else:
-        graphdef, state, shardings = step_lib.init_state(config, mesh)
-        start = 0
-        feed = DataFeed(config, rows=rows)
-        if init_checkpoint:
-            _init_params_from(init_checkpoint, state, config)
-    _write_config(workdir, config)
 
-    total = config.train.steps
-    writer = metrics_lib.MetricWriter(workdir, config, total_steps=total, start_step=start)
-    throughput = metrics_lib.Throughput(config, summary, mesh.size)
-    if resumed_from is not None:
-        writer.message(f"resumed from checkpoint {resumed_from} in {checkpointer.directory}")
-        writer.event(start, event="resume")
-    else:
-        writer.message(f"training {summary['total_params']:,} parameters "
-                       f"({summary['active_params']:,} active) on {mesh.size} devices "
-                       f"{dict(mesh.shape)} into {workdir}")
-        writer.event(start, event="start", summary=summary)
+class _Run:
+    """One call of train_and_evaluate: the state, the data, the writers, and the loop."""
 
-    train_step = step_lib.make_train_step(config, graphdef, shardings, mesh)
-    model_graphdef = nnx.split(nnx.eval_shape(lambda: step_lib.TrainState(config).model))[0]
-    eval_step = step_lib.make_eval_step(config, model_graphdef, shardings["model"], mesh)
-    from emo_jax.data.pipeline import make_eval_batches
+    def __init__(self, config, workdir: str, init_checkpoint: str | None, stack):
+        from emo_jax.data.pipeline import make_eval_batches
+        from emo_jax.data.tokenizers import check_vocab, make_tokenizer
+        from emo_jax.model.summary import summarize
 
-    eval_batches = make_eval_batches(config, max_batches=config.train.eval_batches)
-    flag = _SignalFlag(config.checkpoint.save_on_signal)
-    result = {"step": start, "loss": None, "eval_loss": None, "skipped_steps": 0,
-              "preempted": None, "resumed_from": resumed_from}
+        self.config = config
+        check_vocab(make_tokenizer(config.data.tokenizer), config.model.vocab_size)
+        self.mesh = mesh = parallel.make_mesh(config)
+        parallel.check_batch(config, mesh)
+        parallel.check_experts(config, mesh)
+        rows = _process_rows(config, mesh)
+        self.workdir = os.path.abspath(workdir)
+        if jax.process_index() == 0:
+            os.makedirs(self.workdir, exist_ok=True)
+        self.summary = summarize(config)
+        self.checkpointer = ckpt_lib.Checkpointer(self.workdir, config)
+        stack.callback(self.checkpointer.close)
+        graphdef, abstract, self.shardings = step_lib.abstract_state(config, mesh)
 
-    def ckpt_meta():
-        return {"summary": summary, "process_count": jax.process_count(),
-                "mesh": dict(mesh.shape), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-
-    def save(step_number):
-        if checkpointer.save(step_number, state, feed.get_state(), ckpt_meta()):
-            logging.info("checkpoint %d started", step_number)
-
-    def handle(step_number, host_metrics, data_crc32):
-        """Everything done with a finished step's metrics (on the host)."""
-        flat = metrics_lib.flatten(host_metrics)
-        flat["data_crc32"] = data_crc32  # of process 0's rows: same data <=> same checksum
-        flat.update(throughput.update(step_number))
-        result.update(step=step_number, loss=flat["loss"], skipped_steps=int(flat["skipped_steps"]))
-        if not flat["step_ok"]:
-            writer.message(f"step {step_number}: non-finite loss or gradient; step skipped "
-                           f"({int(flat['skipped_steps'])} skipped so far)")
-        log_now = (step_number % config.train.log_every == 0 or step_number == total
-                   or not flat["step_ok"] or step_number == start + 1)
-        if log_now:
-            writer.write(step_number, flat)
-        if flat["bad_steps_in_a_row"] >= config.train.max_bad_steps:
-            raise TrainingError(
-                f"{int(flat['bad_steps_in_a_row'])} steps in a row (up to step {step_number}) "
-                f"had a non-finite loss or gradient (train.max_bad_steps = "
-                f"{config.train.max_bad_steps}); stopped without saving; the newest checkpoint "
-                f"({checkpointer.latest_step()}) is the last good one")
-
-    def evaluate(step_number):
-        result["eval_loss"] = None
-        if not eval_batches:
-            return
-        out = _evaluate(eval_step, state["model"], eval_batches, mesh)
-        result["eval_loss"] = out["eval_loss"]
-        writer.write(step_number, out)
-
-    pending = None  # (step, device metrics, crc) of the newest dispatched step, not yet read
-
-    def flush():
-        nonlocal pending
-        if pending is not None:
-            step_number, device_metrics, crc = pending
-            pending = None
-            handle(step_number, jax.device_get(device_metrics), crc)
-
-    try:
-        for step_number in range(start + 1, total + 1):
-            host_batch = feed.next()
-            crc = zlib.crc32(np.ascontiguousarray(host_batch["tokens"]).tobytes())
-            state, device_metrics = train_step(state, parallel.host_to_global(host_batch, mesh))
-            flush()  # the previous step's metrics, read while this step runs
-            pending = (step_number, device_metrics, crc)
-            if step_number == total:
-                break
-            if config.train.eval_every and step_number % config.train.eval_every == 0:
-                flush()
-                evaluate(step_number)
-            if step_number % config.checkpoint.every == 0:
-                save(step_number)
-            signum = flag.any_process()
-            if signum is not None:
-                flush()
-                save(step_number)
-                checkpointer.wait()
-                name = signal.Signals(signum).name
-                writer.message(f"{name} received: saved checkpoint {step_number}; rerun the "
-                               f"same command to resume")
-                writer.event(step_number, event="preempted", signal=name)
-                result.update(step=step_number, preempted=name)
-                return result
-        flush()
-        if start < total:
-            evaluate(total)
-            save(total)
+        restored = self.checkpointer.restore_latest(abstract)
+        self.resumed_from = None
+        changes = []
+        if restored is not None:
+            self.state, data_state, meta = restored
+            self.start = self.resumed_from = int(meta["step"])
+            changes = _config_changes(meta.get("config", {}), config)
+            self.feed = DataFeed(config, num_shards=data_state["num_shards"], rows=rows)
+            stack.callback(self.feed.close)
+            self.feed.set_state(data_state)
+            if init_checkpoint:
+                logging.warning("the workdir has checkpoints: --init_checkpoint ignored")
         else:
-            writer.message(f"already trained to step {start} (train.steps = {total}) in {workdir}")
-        checkpointer.wait()
-        writer.event(total, event="done", **{k: v for k, v in result.items()
-                                             if k in ("loss", "eval_loss", "skipped_steps")})
-        result["step"] = max(start, total)
-        return result
-    finally:
-        flag.restore()
-        try:
-            checkpointer.close()
-        finally:
-            writer.close()
-            feed.close()
+            graphdef, self.state, self.shardings = step_lib.init_state(config, mesh)
+            self.start = 0
+            self.feed = DataFeed(config, rows=rows)
+            stack.callback(self.feed.close)
+            if init_checkpoint:
+                _init_params_from(init_checkpoint, self.state, config)
+        _write_config(self.workdir, config)
+
+        self.total = config.train.steps
+        self.writer = metrics_lib.MetricWriter(self.workdir, config, total_steps=self.total,
+                                               start_step=self.start)
+        stack.callback(self.writer.close)
+        self.throughput = metrics_lib.Throughput(config, self.summary, mesh.size)
+        if self.resumed_from is not None:
+            self.writer.message(f"resumed from checkpoint {self.start} in "
+                                f"{self.checkpointer.directory}")
+            if changes:
+                self.writer.message("config changed since the checkpoint: " + "; ".join(changes))
+            self.writer.event(self.start, event="resume", config_changes=changes)
+        else:
+            self.writer.message(
+                f"training {self.summary['total_params']:,} parameters "
+                f"({self.summary['active_params']:,} active) on {mesh.size} devices "
+                f"{dict(mesh.shape)} into {self.workdir}")
+            self.writer.event(self.start, event="start", summary=self.summary)
+
+        self.train_step = step_lib.make_train_step(config, graphdef, self.shardings, mesh)
+        model_graphdef = nnx.split(nnx.eval_shape(lambda: step_lib.TrainState(config).model))[0]
+        self.eval_step = step_lib.make_eval_step(config, model_graphdef, self.shardings["model"],
+                                                 mesh)
+        self.eval_batches = make_eval_batches(config, max_batches=config.train.eval_batches)
+        self.flag = _SignalFlag(config.checkpoint.save_on_signal)
+        stack.callback(self.flag.restore)
+        self.pending = None  # (step, device metrics, crc) of the newest dispatched step, unread
+        self.result = {"step": self.start, "loss": None, "eval_loss": None, "skipped_steps": 0,
+                       "preempted": None, "resumed_from": self.resumed_from}
+
+    def save(self, step_number: int):
+        meta = {"summary": self.summary, "process_count": jax.process_count(),
+                "mesh": dict(self.mesh.shape), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.checkpointer.save(step_number, self.state, self.feed.get_state(), meta)
+
+    def evaluate(self, step_number: int):
+        self.result["eval_loss"] = None
+        if self.eval_batches:
+            out = _evaluate(self.eval_step, self.state["model"], self.eval_batches, self.mesh)
+            self.result["eval_loss"] = out["eval_loss"]
+            self.writer.write(step_number, out)
+
+    def flush(self):
+        """Reads and handles the metrics of the newest dispatched step, if not done yet."""
+        if self.pending is None:
+            return
+        step_number, device_metrics, crc = self.pending
+        self.pending = None
+        flat = metrics_lib.flatten(jax.device_get(device_metrics))
+        flat["data_crc32"] = crc  # of process 0's rows: same data <=> same checksum
+        flat.update(self.throughput.update(step_number))
+        skipped = int(flat["skipped_steps"])
+        self.result.update(step=step_number, loss=flat["loss"], skipped_steps=skipped)
+        if not flat["step_ok"]:
+            self.writer.message(f"step {step_number}: non-finite loss or gradient; step skipped "
+                                f"({skipped} skipped so far)")
+        if (step_number % self.config.train.log_every == 0 or step_number == self.total
+                or not flat["step_ok"] or step_number == self.start + 1):
+            self.writer.write(step_number, flat)
+        bad = int(flat["bad_steps_in_a_row"])
+        if bad >= self.config.train.max_bad_steps:
+            raise TrainingError(
+                f"{bad} steps in a row (up to step {step_number}) had a non-finite loss or "
+                f"gradient (train.max_bad_steps = {self.config.train.max_bad_steps}); stopped "
+                f"without saving; the newest checkpoint ({self.checkpointer.latest_step()}) is "
+                f"the last good one")
+
+    def preempted(self, step_number: int, signum: int) -> dict:
+        self.flush()
+        self.save(step_number)
+        self.checkpointer.wait()
+        name = signal.Signals(signum).name
+        self.writer.message(f"{name} received: saved checkpoint {step_number}; rerun the same "
+                            f"command to resume")
+        self.writer.event(step_number, event="preempted", signal=name)
+        self.result.update(step=step_number, preempted=name)
+        return self.result
+
+    def run(self) -> dict:
+        config, every = self.config, self.config.train.eval_every
+        for step_number in range(self.start + 1, self.total + 1):
+            host_batch = self.feed.next()
+            crc = zlib.crc32(np.ascontiguousarray(host_batch["tokens"]).tobytes())
+            self.state, device_metrics = self.train_step(
+                self.state, parallel.host_to_global(host_batch, self.mesh))
+            self.flush()  # the previous step's metrics, read while this step runs
+            self.pending = (step_number, device_metrics, crc)
+            if step_number == self.total:
+                break
+            if every and step_number % every == 0:
+                self.flush()
+                self.evaluate(step_number)
+            if step_number % config.checkpoint.every == 0:
+                self.save(step_number)
+            signum = self.flag.any_process()
+            if signum is not None:
+                return self.preempted(step_number, signum)
+        self.flush()
+        if self.start < self.total:
+            self.evaluate(self.total)
+            self.save(self.total)
+        else:
+            self.writer.message(f"already trained to step {self.start} (train.steps = "
+                                f"{self.total}) in {self.workdir}")
+        self.checkpointer.wait()
+        self.writer.event(self.total, event="done", loss=self.result["loss"],
+                          eval_loss=self.result["eval_loss"],
+                          skipped_steps=self.result["skipped_steps"])
+        self.result["step"] = max(self.start, self.total)
+        return self.result
+
+
+def train_and_evaluate(config, workdir: str, *, init_checkpoint: str | None = None) -> dict:
+    """Trains to `config.train.steps` in `workdir` (resuming if it holds checkpoints).
+
+    Returns {'step', 'loss', 'eval_loss', 'skipped_steps', 'preempted' (signal name or None),
+    'resumed_from' (step or None)}. Raises ConfigError, DataError, CheckpointError (user
+    mistakes: one sentence each) or TrainingError.
+    """
+    validate(config)
+    with contextlib.ExitStack() as stack:
+        return _Run(config, workdir, init_checkpoint, stack).run()

@@ -162,8 +162,11 @@ class MetricWriter:
 
     def _console(self, step: int, metrics: dict):
         done = step - self.start
-        elapsed = time.perf_counter() - self.started
-        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        if "step_time_s" in metrics:  # excludes compilation, unlike the elapsed time
+            eta = metrics["step_time_s"] * (self.total - step)
+        else:
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
         if "eval_loss" in metrics:
             line = (f"step {step}/{self.total}  eval_loss {metrics['eval_loss']:.4f}  "
                     f"eval_perplexity {metrics['eval_perplexity']:.2f}")
