@@ -1,0 +1,27 @@
+"""Smoke test of the miniature replication: both models train, select, extract and evaluate."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_replication_smoke_runs_end_to_end(tmp_path):
+    out = tmp_path / "rep"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "replicate.py"), f"--out={out}",
+                    "--config=configs/tiny.py", "--steps=3", "--smoke", "--max_eval_docs=3"],
+                   cwd=ROOT, check=True, capture_output=True, text=True, timeout=900)
+    result = json.loads((out / "replicate.json").read_text())
+    assert {r["model"] for r in result["rows"]} == {"emo", "standard"}
+    assert len({r["domain"] for r in result["rows"]}) == 2
+    for row in result["rows"]:
+        # Physically smaller: 25% of 16 experts keeps 4, 12.5% keeps 2.
+        assert row["keep"] == {0.25: 4, 0.125: 2}[row["fraction"]]
+        assert row["bytes_kept"] < 1.0
+        assert all(x == x for x in (row["full"], row["chosen"], row["random"]))  # not NaN
+    assert (out / "replicate.md").exists() and (out / "replicate.png").exists()
