@@ -12,8 +12,9 @@ the dropped-assignment rate of the capacity dispatch under EMO vs. standard rout
 2. Drops: an EMO and a standard MoE (same config, `moe.pool` 'document' vs 'none') trained for
    --steps on the bundled corpus (one device, dropless), then run on a (1, 1, 8) mesh with the
    capacity dispatch at capacity factors 1.0, 1.25, 2.0 on training batches with training-time
-   routing (EMO's document pools on): dropped / routed assignments. Also the capacity factor at
-   which nothing would drop (the fullest (device, expert) buffer over its fair share).
+   routing (EMO's document pools on): dropped / routed assignments, with 256 and 1024 tokens per
+   device. Also the capacity factor at which nothing would drop (the fullest (device, expert)
+   buffer over its fair share).
 
 Writes bench/out/expert_parallel.json.
 """
@@ -172,33 +173,43 @@ def drop_rows(steps: int, eval_batches: int):
         base = bench_config(pool=pool)
         it = make_train_iterator(base)
         held_out = [next(it) for _ in range(eval_batches)]  # routing measured on these
+        # Tokens per device matter: 2 rows (256 tokens) per device, or the same rows as one
+        # global batch (with the default 4 batches, 8 rows per device).
+        joined = {k: np.concatenate([b[k] for b in held_out]) for k in held_out[0]}
+        layouts = {len(held_out[0]["tokens"]) // 8: held_out, len(joined["tokens"]) // 8: [joined]}
         for trained in (0, steps):
             start = time.time()
             graphdef, state, final_loss = (train(base, trained, it) if trained
                                            else (*init_state(base), float("nan")))
-            worst = zero_drop_factor(graphdef, state, held_out, base)
-            for factor in FACTORS:
-                config = bench_config(pool=pool, factor=factor)
-                mesh = parallel.make_mesh(config)
-                # The capacity factor is static in the modules: a graphdef per factor.
-                graphdef_f = nnx.graphdef(nnx.eval_shape(
-                    lambda: Transformer(config, rngs=nnx.Rngs(0))))
-                with jax.set_mesh(mesh):
-                    placed = jax.device_put(state, parallel.state_shardings(state, mesh, config))
-                    run = jax.jit(lambda s, b, k: loss_and_metrics(
-                        nnx.merge(graphdef_f, s), b, config, k)[1], compiler_options=FAST_COMPILE)
-                    dropped = routed = 0.0
-                    for j, batch in enumerate(held_out):
-                        m = run(placed, parallel.host_to_global(batch, mesh),
-                                jax.random.key(10_000 + j))
-                        dropped += float(m["dropped_tokens"])
-                        routed += float(m["counts_LR"].sum())
-                rows.append({"routing": "EMO" if pool == "document" else "standard",
-                             "trained_steps": trained, "train_loss": final_loss,
-                             "capacity_factor": factor, "dropped_rate": dropped / routed,
-                             "zero_drop_factor": worst})
-                print(rows[-1], f"{time.time() - start:.0f}s", flush=True)
+            for rows_per_device, batches in layouts.items():
+                worst = zero_drop_factor(graphdef, state, batches, base)
+                for factor in FACTORS:
+                    dropped, routed = capacity_drops(state, batches, pool, factor)
+                    rows.append({"routing": "EMO" if pool == "document" else "standard",
+                                 "trained_steps": trained, "train_loss": final_loss,
+                                 "tokens_per_device": rows_per_device * base.data.seq_len,
+                                 "capacity_factor": factor, "dropped_rate": dropped / routed,
+                                 "zero_drop_factor": worst})
+                    print(rows[-1], f"{time.time() - start:.0f}s", flush=True)
     return rows
+
+
+def capacity_drops(state, batches, pool, factor):
+    """(dropped, routed) assignments of the capacity dispatch on a (1, 1, 8) mesh."""
+    config = bench_config(pool=pool, factor=factor)
+    mesh = parallel.make_mesh(config)
+    # The capacity factor is static in the modules: a graphdef per factor.
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+    dropped = routed = 0.0
+    with jax.set_mesh(mesh):
+        placed = jax.device_put(state, parallel.state_shardings(state, mesh, config))
+        run = jax.jit(lambda s, b, k: loss_and_metrics(nnx.merge(graphdef, s), b, config, k)[1],
+                      compiler_options=FAST_COMPILE)
+        for j, batch in enumerate(batches):
+            m = run(placed, parallel.host_to_global(batch, mesh), jax.random.key(10_000 + j))
+            dropped += float(m["dropped_tokens"])
+            routed += float(m["counts_LR"].sum())
+    return dropped, routed
 
 
 def zero_drop_factor(graphdef, state, batches, config, devices=8):

@@ -2,7 +2,8 @@
 standard MoE does not (EMO_METHOD.md §5-6).
 
     python bench/replicate.py --out=runs/replicate [--config=configs/small.py] [--steps=1000] \\
-        [--train_data=corpus.jsonl.gz --eval_data=heldout.jsonl.gz] [--select_docs=1]
+        [--train_data=corpus.jsonl.gz --eval_data=heldout.jsonl.gz] [--select_docs=1] \\
+        [--config.train.lr=... (any training config override, applied to both models)]
 
 1. Trains two models with the training CLI, identical except `moe.pool='document'` (EMO) vs
    'none' (standard MoE); same data, seed and token budget. An existing run resumes / is reused.
@@ -86,12 +87,18 @@ def measure(variant, workdir, args, train_by, eval_by, domains):
                          "bytes_kept": report["bytes_after"] / report["bytes_before"]})
             print(f"{variant:8s} {domain:10s} keep {keep:3d}: full {full:.3f} "
                   f"chosen {chosen:.3f} (+{chosen - full:.3f}) random {rand:.3f}", flush=True)
-    if not args.smoke:
-        from emo_jax.modular.analysis import analyze
-        docs = [d for dom in domains for d in eval_by[dom][:args.max_eval_docs]]
-        analyze(model, docs, os.path.join(args.out, f"analysis_{variant}"),
-                clusters=args.clusters, source=args.eval_data or "bundled:eval")
     return rows
+
+
+def analyse(variant, workdir, args, eval_by, domains):
+    """The analyze report of one model (heat maps, subset overlap, router clusters)."""
+    from emo_jax.modular import runtime
+    from emo_jax.modular.analysis import analyze
+
+    model, _, _ = runtime.load_model(workdir)
+    docs = [d for dom in domains for d in eval_by[dom][:args.max_eval_docs]]
+    return analyze(model, docs, os.path.join(args.out, f"analysis_{variant}"),
+                   clusters=args.clusters, source=args.eval_data or "bundled:eval")
 
 
 def summarise(rows, fractions):
@@ -165,9 +172,13 @@ def main():
     p.add_argument("--domains", default="", help="comma-separated domains (default: all)")
     p.add_argument("--clusters", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_analysis", action="store_true", help="skip the analyze reports")
     p.add_argument("--smoke", action="store_true", help="a few steps, two domains (CI)")
-    p.add_argument("--override", nargs="*", default=[], help="extra --config.x=y flags for train")
-    args = p.parse_args()
+    args, extra = p.parse_known_args()  # --config.x=y flags go to both training runs
+    bad = [a for a in extra if not a.startswith("--config.")]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.override = extra
     args.fractions = [float(f) for f in args.fractions.split(",")]
     if args.smoke:
         args.override = ["--config.train.eval_every=0", "--config.checkpoint.every=1000",
@@ -205,7 +216,12 @@ def main():
     write_markdown(os.path.join(args.out, "replicate.md"), rows, table, args.fractions, args,
                    seconds)
     plot(os.path.join(args.out, "replicate.png"), table, args.fractions)
-    print(open(os.path.join(args.out, "replicate.md")).read())
+    print(open(os.path.join(args.out, "replicate.md")).read(), flush=True)
+    if not args.smoke and not args.no_analysis:
+        for variant, workdir in workdirs.items():
+            summary = analyse(variant, workdir, args, eval_by, domains)
+            print(variant, "analysis:", {k: v for k, v in summary.items()
+                                         if k in ("purity", "nmi", "clusters")}, flush=True)
 
 
 if __name__ == "__main__":

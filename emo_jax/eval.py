@@ -2,14 +2,16 @@
 
     python -m emo_jax.eval --checkpoint=WORKDIR_OR_MODEL --data=PATH [--by_domain] \\
         [--subset=subset.json] [--out=FILE.json] [--step=N] [--batch_size=N] [--seq_len=N] \\
-        [--max_documents=N]
+        [--max_documents=N] [--request_log=FILE.jsonl]
 
 PATH is any data spec (`emo_jax/data/sources.py`: JSONL, text files, ArrayRecord, tfds:...,
 '' = the bundled eval split). The documents are packed into rows (no shuffle, every document
 once), the model runs without document pools (as served: `moe.eval_pool`, default plain
 top-k), and the loss is the mean next-token cross-entropy in nats per token over every
 predicted token; perplexity = exp(loss). With --by_domain, the same per domain of the
-documents' `domain` field (documents without one count under '(none)').
+documents' `domain` field (documents without one count under '(none)'). --request_log appends
+one JSON line per document: how many routed assignments each expert of each layer made for its
+tokens (format: emo_jax/modular/request_log.py).
 
 `evaluate(model, config, docs, expert_mask_LR=...)` is the library function: a bool [L, R]
 expert mask evaluates a subset of the experts (what `--subset=subset.json` passes: a subset
@@ -44,20 +46,26 @@ _SEQ = flags.DEFINE_integer("seq_len", None, "Tokens per row (default: data.seq_
 _MAX_DOCS = flags.DEFINE_integer("max_documents", None, "Evaluate at most this many documents.")
 _SUBSET = flags.DEFINE_string("subset", None, "Subset file (python -m emo_jax.select): evaluate "
                               "only its experts, by masking the others.")
+_REQUEST_LOG = flags.DEFINE_string("request_log", None, "Append which experts of each layer "
+                                   "served each document to this JSONL file.")
 
 NO_DOMAIN = "(none)"
 
 
-def token_losses(model, batch, expert_mask_LR=None):
-    """(ce_BS, predicted_BS): float32 next-token cross-entropy and the mask of predicted tokens."""
+def token_losses(model, batch, expert_mask_LR=None, assignments: bool = False):
+    """(ce_BS, predicted_BS): float32 next-token cross-entropy and the mask of predicted tokens;
+    with `assignments`, also the int32 [L, B, S, K] routed expert of every assignment (-1 =
+    none)."""
     from emo_jax.model import losses
 
-    logits_BSV, _ = model(batch["tokens"], batch["segment_ids"], batch["positions"],
-                          pool_key=None, expert_mask_LR=expert_mask_LR)
+    logits_BSV, stats = model(batch["tokens"], batch["segment_ids"], batch["positions"],
+                              pool_key=None, expert_mask_LR=expert_mask_LR,
+                              assignments=assignments)
     targets_BS, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"])
     lse_BS = jax.nn.logsumexp(logits_BSV, axis=-1)
     target_BS = jnp.take_along_axis(logits_BSV, targets_BS[..., None], axis=-1)[..., 0]
-    return (lse_BS - target_BS) * mask_BS, mask_BS
+    out = ((lse_BS - target_BS) * mask_BS, mask_BS)
+    return out + (stats["expert_idx_BSK"],) if assignments else out
 
 
 def _summary(ce: float, tokens: float, documents: int) -> dict:
@@ -67,12 +75,16 @@ def _summary(ce: float, tokens: float, documents: int) -> dict:
 
 
 def evaluate(model, config, docs: list[dict], *, expert_mask_LR=None, batch_size=None,
-             seq_len=None) -> dict:
+             seq_len=None, routing: bool = False) -> dict:
     """Loss and perplexity over `docs` ({'text', 'domain'?} dicts), overall and per domain.
 
     The model's parameters must live on one mesh (as `restore_model` places them). Returns
-    {'loss', 'perplexity', 'tokens', 'documents', 'by_domain': {domain: same keys}}.
+    {'loss', 'perplexity', 'tokens', 'documents', 'by_domain': {domain: same keys}}; with
+    `routing`, also 'routing': {'counts': {document index: int64 [L, R] routed assignments
+    per layer and expert}, 'tokens': {document index: real tokens}} (request logs).
     """
+    from emo_jax.modular.request_log import DocumentCounter
+
     from emo_jax import parallel
     from emo_jax.data.pipeline import pack_documents
     from emo_jax.data.tokenizers import make_tokenizer
@@ -89,7 +101,10 @@ def evaluate(model, config, docs: list[dict], *, expert_mask_LR=None, batch_size
 
     @jax.jit
     def step(params, batch, mask):
-        return token_losses(nnx.merge(graphdef, params), batch, mask)
+        return token_losses(nnx.merge(graphdef, params), batch, mask, assignments=routing)
+
+    counter = DocumentCounter(config.model.num_layers,
+                              config.moe.num_experts - config.moe.num_shared_experts)
 
     domains = [doc.get("domain") or NO_DOMAIN for doc in docs]
     ce_by, tokens_by = {}, {}
@@ -102,7 +117,9 @@ def evaluate(model, config, docs: list[dict], *, expert_mask_LR=None, batch_size
                                     packing_bins=config.data.packing_bins):
             doc_ids = np.asarray(batch.pop("document_ids"))
             host = {k: np.asarray(v)[rows] for k, v in batch.items()}
-            ce, predicted = step(params, parallel.host_to_global(host, mesh), mask)
+            ce, predicted, *idx = step(params, parallel.host_to_global(host, mesh), mask)
+            if routing:
+                counter.add(jax.device_get(jax.device_put(idx[0], replicated)), doc_ids)
             ce = np.asarray(jax.device_get(jax.device_put(ce, replicated)), np.float64)
             predicted = np.asarray(jax.device_get(jax.device_put(predicted, replicated)))
             for doc in np.unique(doc_ids[predicted]):
@@ -116,6 +133,8 @@ def evaluate(model, config, docs: list[dict], *, expert_mask_LR=None, batch_size
     out = _summary(sum(ce_by.values()), sum(tokens_by.values()), len(docs))
     out["by_domain"] = {d: _summary(ce_by.get(d, 0.0), tokens_by.get(d, 0.0), docs_by[d])
                         for d in sorted(docs_by)}
+    if routing:
+        out["routing"] = {"counts": counter.counts, "tokens": counter.tokens}
     return out
 
 
@@ -141,8 +160,18 @@ def main(argv):
         docs = read_documents(_DATA.value, text_field=config.data.text_field,
                               max_documents=_MAX_DOCS.value)
         result = evaluate(model, config, docs, expert_mask_LR=mask, batch_size=_BATCH.value,
-                          seq_len=_SEQ.value)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as err:
+                          seq_len=_SEQ.value, routing=bool(_REQUEST_LOG.value))
+        routing = result.pop("routing", None)
+        if routing is not None and jax.process_index() == 0:
+            from emo_jax.modular.request_log import RequestLog
+
+            log = RequestLog(_REQUEST_LOG.value, tool="eval", checkpoint=_CHECKPOINT.value,
+                             shared_experts=config.moe.num_shared_experts, subset=_SUBSET.value,
+                             metadata=metadata)
+            for doc in sorted(routing["counts"]):
+                log.write(routing["counts"][doc], routing["tokens"][doc], document=doc,
+                          domain=docs[doc].get("domain"))
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError, OSError) as err:
         fail(str(err))
     result = {"checkpoint": os.path.abspath(_CHECKPOINT.value), "step": metadata.get("step"),
               "data": _DATA.value, "subset": _SUBSET.value, **result}

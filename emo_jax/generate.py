@@ -2,13 +2,16 @@
 
     python -m emo_jax.generate --checkpoint=DIR --prompt="..." \\
         [--subset=subset.json | --subset_from_prompt=K [--method=layerwise]] \\
-        [--max_new_tokens=128] [--temperature=0.7] [--top_p=0.9] [--seed=0]
+        [--max_new_tokens=128] [--temperature=0.7] [--top_p=0.9] [--seed=0] \
+        [--request_log=FILE.jsonl]
 
 Decoding uses a fixed-size KV cache (emo_jax/model/decode.py). With --subset, or with
 --subset_from_prompt=K (the subset is selected from the prompt itself, the serving mode the
 method promises), the model is first cut down to those experts in memory
 (emo_jax/modular/extract.py) and decodes with only them. --temperature=0 is greedy. The
-generated text goes to stdout; what was kept goes to stderr.
+generated text goes to stdout; what was kept goes to stderr. --request_log appends one JSON line
+per request: how many routed assignments each expert of each layer made for it (in the
+checkpoint's expert numbering; format in emo_jax/modular/request_log.py).
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.7, "Sampling temperature (0 =
 _TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus sampling: keep the smallest set of tokens "
                             "whose probability reaches top_p (1 = all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_REQUEST_LOG = flags.DEFINE_string("request_log", None, "Append which experts of each layer "
+                                   "served the request to this JSONL file.")
 
 
 def main(argv):
     from emo_jax.config import ConfigError
     from emo_jax.model.decode import generate
-    from emo_jax.modular import extract, runtime, select, subset as subset_lib
+    from emo_jax.modular import extract, request_log, runtime, select, subset as subset_lib
     from emo_jax.train.checkpoint import CheckpointError
 
     if len(argv) > 1:
@@ -50,7 +55,8 @@ def main(argv):
     if _TEMPERATURE.value < 0 or not 0 < _TOP_P.value <= 1:
         fail("--temperature must be >= 0 and --top_p in (0, 1]")
     try:
-        model, config, _ = runtime.load_model(_CHECKPOINT.value)
+        model, config, metadata = runtime.load_model(_CHECKPOINT.value)
+        routed = config.moe.num_experts - config.moe.num_shared_experts
         tokenizer = runtime.tokenizer_of(config)
         prompt = tokenizer.encode(_PROMPT.value)
         if not prompt:
@@ -65,10 +71,21 @@ def main(argv):
             model, config, report = extract.extract(model, subset)
             print(f"experts: {subset.keep} of {report['num_experts_before']} per layer "
                   f"({subset.method}); {extract.format_report(report)}", file=sys.stderr)
-        out = generate(model, [prompt], max_new_tokens=_MAX_NEW.value,
-                       temperature=_TEMPERATURE.value, top_p=_TOP_P.value, seed=_SEED.value,
-                       eos_id=tokenizer.eos_id)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        out, routing = generate(model, [prompt], max_new_tokens=_MAX_NEW.value,
+                                temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
+                                seed=_SEED.value, eos_id=tokenizer.eos_id, return_routing=True)
+        if _REQUEST_LOG.value:
+            counts_LR = routing["counts_BLR"][0]
+            if subset is not None:
+                counts_LR = request_log.expand(counts_LR, subset.layers, routed)
+            log = request_log.RequestLog(
+                _REQUEST_LOG.value, tool="generate", checkpoint=_CHECKPOINT.value,
+                shared_experts=config.moe.num_shared_experts, metadata=metadata,
+                subset=_SUBSET.value or (f"from the prompt (K={_FROM_PROMPT.value}, "
+                                         f"{_METHOD.value})" if subset is not None else None))
+            log.write(counts_LR, int(routing["tokens_B"][0]), request=0,
+                      prompt_tokens=len(prompt), prompt=_PROMPT.value[:200])
+    except (ConfigError, CheckpointError, FileNotFoundError, OSError) as err:
         fail(str(err))
     ids = [int(t) for t in out[0]]
     if tokenizer.eos_id in ids:

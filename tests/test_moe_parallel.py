@@ -39,7 +39,8 @@ def skewed_routing(rng, tokens):
 
 
 def weights(rng):
-    return [(0.2 * rng.normal(size=s)).astype(np.float32) for s in ((E, D, F), (E, D, F), (E, F, D))]
+    shapes = ((E, D, F), (E, D, F), (E, F, D))
+    return [(0.2 * rng.normal(size=s)).astype(np.float32) for s in shapes]
 
 
 def swiglu_np(x, wg, wu, wd):

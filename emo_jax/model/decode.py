@@ -7,7 +7,9 @@ documents that share one prompt length (no padding inside the cache).
 
 Inference routing is plain top-k (no document pool); `expert_mask_LR` restricts the experts to a
 subset by masking, and a physically extracted model (emo_jax/modular/extract.py) decodes with
-only its experts.
+only its experts. Every prefill and step also returns the routed assignments per layer, row and
+expert of the tokens it processed, which `generate(..., return_routing=True)` sums per row over
+the tokens of the request (for request logs).
 
 Glossary: B rows, P prompt length, T cache slots, L layers, K key/value heads, Dh head dim,
 V vocabulary.
@@ -70,18 +72,20 @@ def _build(graphdef, temperature: float, top_p: float):
         model = nnx.merge(graphdef, state)
         positions_BP = jnp.broadcast_to(jnp.arange(tokens_BP.shape[1], dtype=jnp.int32),
                                         tokens_BP.shape)
-        logits_BPV, cache = model.decode(tokens_BP, positions_BP, cache, 0,
-                                         expert_mask_LR=expert_mask_LR)
+        logits_BPV, cache, counts_LBR = model.decode(tokens_BP, positions_BP, cache, 0,
+                                                     expert_mask_LR=expert_mask_LR,
+                                                     return_counts=True)
         logits_BV = logits_BPV[:, -1]
-        return sample_token(logits_BV, key, **sampling), logits_BV, cache
+        return sample_token(logits_BV, key, **sampling), logits_BV, cache, counts_LBR
 
     def step(state, token_B, position, cache, expert_mask_LR, key):
         model = nnx.merge(graphdef, state)
         positions_B1 = jnp.full((token_B.shape[0], 1), position, jnp.int32)
-        logits_B1V, cache = model.decode(token_B[:, None], positions_B1, cache, position,
-                                         expert_mask_LR=expert_mask_LR)
+        logits_B1V, cache, counts_LBR = model.decode(token_B[:, None], positions_B1, cache,
+                                                     position, expert_mask_LR=expert_mask_LR,
+                                                     return_counts=True)
         logits_BV = logits_B1V[:, 0]
-        return sample_token(logits_BV, key, **sampling), logits_BV, cache
+        return sample_token(logits_BV, key, **sampling), logits_BV, cache, counts_LBR
 
     return (jax.jit(prefill, donate_argnames=("cache",)),
             jax.jit(step, donate_argnames=("cache",)))
@@ -89,12 +93,15 @@ def _build(graphdef, temperature: float, top_p: float):
 
 def generate(model, prompt_BP, *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, expert_mask_LR=None, eos_id: int | None = None,
-             return_logits: bool = False):
+             return_logits: bool = False, return_routing: bool = False):
     """New tokens after each prompt row: int32 [B, N], N <= max_new_tokens.
 
     Decoding stops early once every row has produced `eos_id` (rows that finished earlier are
     padded with eos_id). With `return_logits`, also the float32 [B, N, V] logits each token was
-    drawn from.
+    drawn from. With `return_routing`, also {'counts_BLR': int64 routed assignments per row,
+    layer and expert, 'tokens_B': tokens processed per row} over the tokens the model read for
+    each row: its prompt and every generated token it was fed before the row ended (a row
+    ends when it produces eos_id; eos and what follows are not read for it).
     """
     prompt_BP = jnp.asarray(np.asarray(prompt_BP, np.int32).reshape(len(prompt_BP), -1))
     b, p = prompt_BP.shape
@@ -106,22 +113,33 @@ def generate(model, prompt_BP, *, max_new_tokens: int, temperature: float = 0.0,
     cache = init_cache(model.config, b, p + max_new_tokens)
     mask = None if expert_mask_LR is None else jnp.asarray(expert_mask_LR, bool)
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
-    token_B, logits_BV, cache = decoder.prefill(decoder.state, prompt_BP, cache, mask, keys[0])
+    token_B, logits_BV, cache, counts_LBR = decoder.prefill(decoder.state, prompt_BP, cache,
+                                                            mask, keys[0])
     tokens, logits = [token_B], [logits_BV]
+    counts_BLR = np.rint(np.asarray(counts_LBR)).astype(np.int64).swapaxes(0, 1)
+    tokens_B = np.full(b, p, np.int64)
     done_B = np.zeros(b, bool)
     for i in range(1, max_new_tokens):
         if eos_id is not None:
             done_B |= np.asarray(token_B) == eos_id
             if done_B.all():
                 break
-        token_B, logits_BV, cache = decoder.step(decoder.state, token_B, p + i - 1, cache, mask,
-                                                 keys[i])
+        token_B, logits_BV, cache, counts_LBR = decoder.step(decoder.state, token_B, p + i - 1,
+                                                             cache, mask, keys[i])
+        if return_routing:  # the token fed counts for the rows not ended by it or before
+            live_B = ~done_B
+            step_BLR = np.rint(np.asarray(counts_LBR)).astype(np.int64).swapaxes(0, 1)
+            counts_BLR += step_BLR * live_B[:, None, None]
+            tokens_B += live_B
         tokens.append(token_B)
         logits.append(logits_BV)
     out_BN = np.stack([np.asarray(t) for t in tokens], axis=1)
     if eos_id is not None:  # everything after a row's first eos is eos
         after_BN = np.cumsum(out_BN == eos_id, axis=1) - (out_BN == eos_id) > 0
         out_BN = np.where(after_BN, eos_id, out_BN)
+    result = (out_BN,)
     if return_logits:
-        return out_BN, np.stack([np.asarray(x) for x in logits], axis=1)
-    return out_BN
+        result += (np.stack([np.asarray(x) for x in logits], axis=1),)
+    if return_routing:
+        result += ({"counts_BLR": counts_BLR, "tokens_B": tokens_B},)
+    return result if len(result) > 1 else out_BN

@@ -3,7 +3,8 @@
 The block owns the parameters; routing decisions come from the pure functions in `routing.py`
 and the expert computation from `grouped_matmul.py`. `dispatch_local` (sort by expert, grouped
 matmul, unsort, weighted combine) is the one-device path and the per-shard building block of the
-expert-parallel path in `moe_parallel.py`.
+expert-parallel path in `moe_parallel.py`, which routing and experts take when the block is
+traced under `jax.set_mesh` (the capacity dispatch there may drop: `stats['dropped']`).
 
 Glossary: B rows, S positions, T = B*S tokens, K top-k, A = T*K assignments, R routed experts,
 X shared experts, D d_model, F expert hidden.
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emo_jax.model import moe_parallel, routing
+from emo_jax.model import moe_parallel
 from emo_jax.model.grouped_matmul import grouped_swiglu
 from emo_jax.model.layers import param
 
@@ -88,8 +89,14 @@ class MoE(nnx.Module):
         rules = {"expert": "expert"} if rules is None else rules
         self.rules = tuple(sorted(dict(rules).items()))  # static: logical axis -> mesh axes
 
-    def __call__(self, x_BSD, segment_ids_BS, pool_size_BN=None, expert_mask_R=None):
-        """Returns (y_BSD float32, stats): stats holds this layer's routing statistics per row."""
+    def __call__(self, x_BSD, segment_ids_BS, pool_size_BN=None, expert_mask_R=None, *,
+                 assignments: bool = False):
+        """Returns (y_BSD float32, stats): stats holds this layer's routing statistics per row.
+
+        assignments: also return stats['expert_idx_BSK'], the int32 routed expert of every
+        assignment of every token, -1 where none was made (padding, or a weight of 0): what
+        per-document audits (request logs) sum up.
+        """
         b, s, d = x_BSD.shape
         logits_BSR = jnp.einsum("bsd,dr->bsr", x_BSD.astype(jnp.float32), self.router[...])
         decision = moe_parallel.route(logits_BSR, segment_ids_BS, self.top_k, pool_size_BN,
@@ -111,6 +118,9 @@ class MoE(nnx.Module):
             "rows_processed": jnp.asarray(rows, jnp.float32),
             "dropped": dropped,
         }
+        if assignments:
+            stats["expert_idx_BSK"] = jnp.where(decision.weights_BSK > 0,
+                                                decision.expert_idx_BSK, -1).astype(jnp.int32)
         return y_TD.reshape(b, s, d), stats
 
     def routed_experts(self, x_TD, expert_idx_TK, weights_TK):

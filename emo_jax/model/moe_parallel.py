@@ -28,7 +28,8 @@ densely for every token.
 Glossary: T tokens on this device, K top-k, A = T*K assignments, E routed experts, EP size of the
 'expert' axis, El = E/EP experts per device, C capacity slots per (source device, expert),
 D d_model, F expert hidden, S devices of the 'expert' axis (= EP), J local experts of a device
-(El of them), N rows of a receive buffer. `route` keeps routing.py's letters (B rows, S positions, R routed experts).
+(El of them), N rows of a receive buffer. `route` keeps routing.py's letters (B rows,
+S positions, R routed experts).
 """
 
 from __future__ import annotations

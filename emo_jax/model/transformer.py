@@ -36,19 +36,22 @@ class Block(nnx.Module):
         self.moe_norm = RMSNorm(m.d_model, m.norm_eps)
         self.moe = MoE(m, config.moe, rngs=rngs, rules=config.mesh.rules)
 
-    def __call__(self, x_BSD, segment_ids_BS, positions_BS, pool_size_BN, expert_mask_R):
+    def __call__(self, x_BSD, segment_ids_BS, positions_BS, pool_size_BN, expert_mask_R,
+                 assignments: bool = False):
         h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), segment_ids_BS, positions_BS)
-        y_BSD, stats = self.moe(self.moe_norm(h_BSD), segment_ids_BS, pool_size_BN, expert_mask_R)
+        y_BSD, stats = self.moe(self.moe_norm(h_BSD), segment_ids_BS, pool_size_BN, expert_mask_R,
+                                assignments=assignments)
         return h_BSD + y_BSD, stats
 
     def decode(self, x_BSD, positions_BS, cache_k, cache_v, start, expert_mask_R):
-        """The block on new tokens with a KV cache (no pool): (out_BSD, cache_k, cache_v)."""
+        """The block on new tokens with a KV cache (no pool): (out_BSD, cache_k, cache_v,
+        counts_BR: the routed assignments per expert of each row's new tokens)."""
         a_BSD, cache_k, cache_v = self.attn.decode(self.attn_norm(x_BSD), positions_BS, cache_k,
                                                    cache_v, start)
         h_BSD = x_BSD + a_BSD
         real_BS = jnp.ones(positions_BS.shape, jnp.int32)
-        y_BSD, _ = self.moe(self.moe_norm(h_BSD), real_BS, None, expert_mask_R)
-        return h_BSD + y_BSD, cache_k, cache_v
+        y_BSD, stats = self.moe(self.moe_norm(h_BSD), real_BS, None, expert_mask_R)
+        return h_BSD + y_BSD, cache_k, cache_v, stats["counts"]
 
 
 class Transformer(nnx.Module):
@@ -80,12 +83,13 @@ class Transformer(nnx.Module):
         return None
 
     def __call__(self, tokens_BS, segment_ids_BS, positions_BS, *, pool_key=None,
-                 expert_mask_LR=None, pool_size_LBN=None):
+                 expert_mask_LR=None, pool_size_LBN=None, assignments: bool = False):
         """Logits [B, S, V] (float32) and stats: dict of per-layer arrays ([L, B, R], [L, B], [L]).
 
         pool_key: PRNG key for training-time pool sizes (None = evaluation).
         expert_mask_LR: optional bool [L, R]: only these routed experts exist (subset by masking).
         pool_size_LBN: explicit pool sizes (tests, analysis); overrides pool_key.
+        assignments: stats also hold `expert_idx_BSK` [L, B, S, K] (see MoE.__call__).
         """
         b, s = tokens_BS.shape
         m = self.config.model
@@ -96,7 +100,7 @@ class Transformer(nnx.Module):
 
         def body(x_BSD, block, layer_inputs):
             return block(x_BSD, segment_ids_BS, positions_BS, layer_inputs["pool_size_BN"],
-                         layer_inputs["expert_mask_R"])
+                         layer_inputs["expert_mask_R"], assignments)
 
         if m.remat != "none":
             body = nnx.remat(body, policy=_REMAT_POLICIES[m.remat])
@@ -111,8 +115,11 @@ class Transformer(nnx.Module):
         logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD.astype(dt), self.head[...].astype(dt))
         return logits_BSV.astype(jnp.float32)
 
-    def decode(self, tokens_BS, positions_BS, cache, start, *, expert_mask_LR=None):
-        """Logits of S new tokens per row given a KV cache; returns (logits_BSV, new cache).
+    def decode(self, tokens_BS, positions_BS, cache, start, *, expert_mask_LR=None,
+               return_counts: bool = False):
+        """Logits of S new tokens per row given a KV cache; returns (logits_BSV, new cache),
+        and with `return_counts` also float32 counts_LBR: the routed assignments per layer,
+        row and expert made for the new tokens (request logs).
 
         Every row is one document whose tokens 0..start-1 are already in `cache` (a dict of
         `k`, `v` arrays [L, B, T, K, Dh]: see emo_jax/model/decode.py); the new tokens go to
@@ -123,10 +130,13 @@ class Transformer(nnx.Module):
         per_layer = {"k": cache["k"], "v": cache["v"], "expert_mask_R": expert_mask_LR}
 
         def body(x_BSD, block, layer):
-            x_BSD, k, v = block.decode(x_BSD, positions_BS, layer["k"], layer["v"], start,
-                                       layer["expert_mask_R"])
-            return x_BSD, {"k": k, "v": v}
+            x_BSD, k, v, counts_BR = block.decode(x_BSD, positions_BS, layer["k"], layer["v"],
+                                                  start, layer["expert_mask_R"])
+            return x_BSD, {"k": k, "v": v, "counts": counts_BR}
 
         scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
-        x_BSD, cache = scan(x_BSD, self.blocks, per_layer)
+        x_BSD, out = scan(x_BSD, self.blocks, per_layer)
+        cache = {"k": out["k"], "v": out["v"]}
+        if return_counts:
+            return self.logits(x_BSD), cache, out["counts"]
         return self.logits(x_BSD), cache

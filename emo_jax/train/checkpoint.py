@@ -9,7 +9,9 @@ Training workdir (`Checkpointer`, written by `train_and_evaluate`):
                                     temporary name, renamed when complete; a killed save leaves
                                     no <step>/ behind)
           params/                   the model parameters: an Orbax PyTree (OCDBT) of the model's
-                                    pure dict (`nnx.to_pure_dict`), e.g. blocks/moe/w_gate
+                                    pure dict (`nnx.to_pure_dict`), e.g. blocks/moe/w_gate;
+                                    expert stacks chunked one expert per chunk
+                                    (`param_save_args`), so single experts can be read
           train_state/              everything else of the TrainState: optimizer (AdamW moments
                                     and counts), rng (the routing-pool PRNG key), step,
                                     bad_in_a_row, skipped
@@ -28,6 +30,9 @@ Standalone model directory (`save_model`; what extract/convert tools write):
       config.json                   the full config (`ConfigDict.to_json`)
       metadata.json                 {"format": "emo_jax.model", "format_version": 1, "step",
                                      "summary": {...}, ...caller's metadata}
+
+`save_params` writes the same from a params pure dict (any dtype), `locate_params` finds a
+checkpoint's params item for tools that read arrays themselves.
 
 `restore_model(path)` reads either (a workdir's latest readable checkpoint, a workdir's
 `checkpoints/<step>` directory, or a model directory) and returns `(model, config, metadata)`;
@@ -50,9 +55,8 @@ import time
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from absl import logging
+from absl import flags, logging
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from emo_jax import parallel
 from emo_jax.config import ConfigError, default_config, validate
@@ -66,6 +70,8 @@ SHAPE_KEYS = ("model.vocab_size", "model.d_model", "model.num_layers", "model.nu
               "model.num_kv_heads", "model.head_dim", "model.qk_norm", "moe.num_experts",
               "moe.num_shared_experts", "moe.expert_hidden")
 _ITEMS = ("params", "train_state", "data", "meta")
+# Stacked expert weights [L, E, ...] of blocks/moe: chunked one expert per chunk on disk.
+EXPERT_STACKS = ("w_gate", "w_up", "w_down", "shared_gate", "shared_up", "shared_down")
 
 
 class CheckpointError(RuntimeError):
@@ -163,8 +169,10 @@ def _check_shapes(saved_tree, target_tree, where: str, saved_config: dict | None
 
 
 def _sync(name: str):
+    """A barrier of all processes (through the distributed client, no device involved)."""
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+        _use_distributed_barriers()
+        ocp.multihost.sync_global_processes(name)
 
 
 # ---------------------------------------------------------------------------- training
@@ -179,9 +187,20 @@ def has_checkpoints(workdir: str) -> bool:
     return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
 
 
+def _use_distributed_barriers():
+    """Orbax's default barrier is a device collective (sync_global_devices). Run from its
+    background save thread, it can interleave with the training step's collectives in a
+    different order on different hosts: seen here as a hang of two CPU processes (gloo). The
+    JAX distributed client's barrier involves no device."""
+    name = "experimental_orbax_use_distributed_barrier"
+    if jax.process_count() > 1 and name in flags.FLAGS:
+        flags.FLAGS[name].value = True
+
+
 def _manager(directory: str, keep: int | None, async_save: bool, read_only: bool = False):
     """The Orbax manager of a checkpoints directory. Tools open it read-only: a read-only
     manager never cleans up the temporary directory of a save still in progress."""
+    _use_distributed_barriers()
     handlers = {"params": ocp.StandardCheckpointHandler(),
                 "train_state": ocp.StandardCheckpointHandler(),
                 "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
@@ -222,8 +241,9 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False
         params, rest = _split_state(state)
+        params = _str_keys(params)
         args = ocp.args.Composite(
-            params=ocp.args.StandardSave(_str_keys(params)),
+            params=ocp.args.StandardSave(params, save_args=param_save_args(params)),
             train_state=ocp.args.StandardSave(_str_keys(rest)),
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(dict(meta, step=step, config=_config_dict(self.config))))
@@ -405,6 +425,38 @@ def _saved_config(path: str, step: int | None) -> dict:
     raise CheckpointError(f"no readable checkpoint in {directory}")
 
 
+def locate_params(path: str, step: int | None = None) -> tuple[str, dict, dict]:
+    """(params item directory, saved config dict, metadata) of any checkpoint restore_model
+    accepts, without reading an array: for tools that read the arrays themselves (partial reads
+    of emo_jax/modular/lazy.py). A workdir gives its newest checkpoint with readable metadata."""
+    kind, directory, step = _resolve(path, step)
+    if kind == "model":
+        with open(os.path.join(directory, "metadata.json"), encoding="utf-8") as f:
+            metadata = json.load(f)
+        if metadata.get("format") != MODEL_FORMAT:
+            raise CheckpointError(f"{directory}/metadata.json is not an emo_jax model "
+                                  f"(format {metadata.get('format')!r})")
+        return (os.path.join(directory, "params"), _saved_config(directory, None),
+                dict(metadata, kind="model", path=directory))
+    manager = _manager(directory, None, False, read_only=True)
+    steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+    for s in steps:
+        where = os.path.join(directory, str(s))
+        try:
+            meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as err:  # noqa: BLE001
+            if step is not None:
+                raise CheckpointError(f"checkpoint {where} is unreadable: "
+                                      f"{type(err).__name__}: {err}") from err
+            logging.warning("checkpoint %s is unreadable (%s); trying the previous one", where,
+                            type(err).__name__)
+            continue
+        metadata = {k: v for k, v in meta.items() if k != "config"}
+        return (os.path.join(where, "params"), meta["config"],
+                dict(metadata, kind="workdir", path=where, step=s))
+    raise CheckpointError(f"no readable checkpoint in {directory}")
+
+
 def restore_model(path: str, step: int | None = None, mesh=None):
     """(model, config, metadata) from a training workdir (its latest readable checkpoint, or
     `step`), a workdir's checkpoints/<step> directory, or a standalone model directory.
@@ -430,6 +482,25 @@ def model_mesh(model):
     return jax.tree.leaves(nnx.state(model))[0].sharding.mesh
 
 
+def param_save_args(params: dict):
+    """Orbax SaveArgs for a params pure dict: how each array is chunked on disk.
+
+    Arrays of the stacked blocks are chunked one layer per chunk, and the routed and shared
+    expert stacks ([L, R, ...]) one expert of one layer per chunk, so a reader can fetch single
+    experts without decoding their neighbours (lazy extraction, emo_jax/modular/lazy.py). The
+    other arrays keep Orbax's default (the written shard, at most 2 GiB per chunk).
+    """
+    def one(path, _):
+        names = [str(getattr(k, "key", k)) for k in path]
+        if names[0] != "blocks":
+            return ocp.SaveArgs()
+        if names[-1] in EXPERT_STACKS:
+            return ocp.SaveArgs(shard_axes=(0, 1))
+        return ocp.SaveArgs(shard_axes=(0,))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
 def save_model(path: str, model, config, metadata: dict | None = None, *,
                overwrite: bool = False):
     """Writes a standalone params-only model directory (layout in the module docstring).
@@ -437,6 +508,14 @@ def save_model(path: str, model, config, metadata: dict | None = None, *,
     Atomic: written to PATH.partial, then renamed to PATH. An existing PATH is refused unless
     `overwrite` (then it is replaced only once the new one is complete). Every process calls it.
     """
+    return save_params(path, nnx.to_pure_dict(nnx.state(model)), config, metadata,
+                       overwrite=overwrite)
+
+
+def save_params(path: str, params: dict, config, metadata: dict | None = None, *,
+                overwrite: bool = False):
+    """`save_model` of a params pure dict (jax or NumPy arrays, in any dtype: restore_model
+    casts to float32) instead of a model: what tools that never build the model write."""
     from emo_jax.model.summary import summarize
 
     path = os.path.abspath(path)
@@ -446,9 +525,10 @@ def save_model(path: str, model, config, metadata: dict | None = None, *,
     if jax.process_index() == 0 and os.path.exists(partial):
         shutil.rmtree(partial)  # an earlier interrupted save: never a complete model
     _sync("emo_jax_save_model_start")
-    params = _str_keys(nnx.to_pure_dict(nnx.state(model)))
+    params = _str_keys(params)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(partial, "params"), params)
+    checkpointer.save(os.path.join(partial, "params"), params,
+                      save_args=param_save_args(params))
     checkpointer.wait_until_finished()
     if jax.process_index() == 0:
         info = dict(metadata or {}, format=MODEL_FORMAT, format_version=MODEL_FORMAT_VERSION,

@@ -49,32 +49,45 @@ class TrainingError(RuntimeError):
 
 
 class _SignalFlag:
-    """Records SIGTERM/SIGINT instead of dying; a second signal of the same kind acts at once."""
+    """SIGTERM/SIGINT as a request to checkpoint and stop at a step every process agrees on.
+
+    One process: a Python handler records the signal; the loop stops after the current step.
+    Several processes: SIGTERM is left to JAX's preemption service (installed by
+    jax.distributed.initialize), which tells every process the same safe step
+    (`reached_preemption_sync_point`) even when one host alone got the signal; SIGINT is turned
+    into SIGTERM. No device collective is involved, so the check never stalls the device.
+    A second signal of the same kind acts at once (the default behaviour).
+    """
 
     def __init__(self, enabled: bool):
         self.signum = None
         self.previous = {}
-        if enabled:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                try:
-                    self.previous[signum] = signal.signal(signum, self._handle)
-                except ValueError:  # not the main thread: leave signals alone
-                    pass
+        self.multi = jax.process_count() > 1
+        if not enabled:
+            return
+        signals = (signal.SIGINT,) if self.multi else (signal.SIGTERM, signal.SIGINT)
+        for signum in signals:
+            try:
+                self.previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # second signal: default behaviour
+        if self.signum is not None:
             signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
+        if self.multi:
+            os.kill(os.getpid(), signal.SIGTERM)  # to the preemption service
 
-    def any_process(self) -> int | None:
-        """The signal number if any process got one (a collective in multi-process runs)."""
-        if jax.process_count() == 1:
+    def stop_at(self, step_number: int) -> int | None:
+        """The signal number if the run must checkpoint and stop after this step."""
+        if not self.multi:
             return self.signum
-        flags = multihost_utils.process_allgather(np.array([self.signum or 0], np.int32))
-        flags = np.asarray(flags).reshape(-1)
-        return int(flags.max()) or None
+        if multihost_utils.reached_preemption_sync_point(step_number):
+            return self.signum or signal.SIGTERM
+        return None
 
     def restore(self):
         for signum, handler in self.previous.items():
@@ -263,7 +276,7 @@ class _Run:
                 self.evaluate(step_number)
             if step_number % config.checkpoint.every == 0:
                 self.save(step_number)
-            signum = self.flag.any_process()
+            signum = self.flag.stop_at(step_number)
             if signum is not None:
                 return self.preempted(step_number, signum)
         self.flush()
