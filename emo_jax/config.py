@@ -217,6 +217,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(config.data.batch_size % config.train.micro_batches == 0,
              f"data.batch_size ({config.data.batch_size}) must be divisible by "
              f"train.micro_batches ({config.train.micro_batches})")
+    t = config.train
+    for key in ("b1", "b2"):
+        _require(isinstance(t[key], (int, float)) and 0 <= t[key] < 1,
+                 f"config key 'train.{key}' is {t[key]!r}; it must be in [0, 1)")
+    _require(t.final_lr_fraction <= 1, f"config key 'train.final_lr_fraction' is "
+             f"{t.final_lr_fraction!r}; it must be in [0, 1]")
     for axis in ("data", "fsdp", "expert"):
         size = config.mesh[axis]
         _require(isinstance(size, int) and (size == -1 or size >= 1),

@@ -100,10 +100,13 @@ def test_lazy_equals_eager_bit_for_bit_in_a_fraction_of_the_memory(big_checkpoin
     assert lazy.ParamsReader(c["checkpoint"]).chunk_shape("blocks/moe/w_up") == (1, 1, 256, 512)
 
 
-def test_reads_and_reports_of_a_small_checkpoint(tmp_path):
+def test_reads_and_reports_of_a_small_checkpoint(tmp_path, monkeypatch):
     """Slices read lazily equal the arrays; the report adds up; a checkpoint written with
-    whole-array chunks (Orbax's default, older emo_jax) still extracts correctly."""
+    whole-array chunks (Orbax's default, older emo_jax) still extracts correctly. Blocks of 2
+    experts (and of 16 embedding rows): several writes per layer and array."""
     import orbax.checkpoint as ocp
+
+    monkeypatch.setattr(lazy, "BLOCK_BYTES", 2 * 32 * 32 * 4)
 
     config = tiny_config()
     model = random_model(config, 1)

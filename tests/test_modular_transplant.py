@@ -43,7 +43,7 @@ def arrays(path) -> dict:
     return {name: reader.read(name) for name in reader.names}
 
 
-def test_composed_is_base_except_transplanted_rows(checkpoints):
+def test_composed_is_base_except_transplanted_rows(checkpoints, monkeypatch):
     p = checkpoints
     out = os.path.join(p["dir"], "composed")
     proc = subprocess.run(
@@ -67,6 +67,14 @@ def test_composed_is_base_except_transplanted_rows(checkpoints):
         assert np.array_equal(got[name].view(np.uint32), expected.view(np.uint32)), name
         if leaf in EXPERTS + ("router",):  # the sources really differ: the test can fail
             assert not np.array_equal(got[name], base[name])
+    # Written in blocks of 2 experts (several per layer), the same result.
+    monkeypatch.setattr(lazy, "BLOCK_BYTES", 2 * 32 * 32 * 4)
+    takes = [(p["a"], subset_lib.load(p["a.json"])), (p["b"], subset_lib.load(p["b.json"]))]
+    small_blocks = transplant.compose(p["base"], takes, out + "_blocks")
+    assert small_blocks["experts_transplanted"] == 12
+    again = arrays(out + "_blocks")
+    for name in got:
+        np.testing.assert_array_equal(again[name], got[name])
     # Every tool reads the result like any checkpoint.
     from emo_jax.train.checkpoint import restore_model
 

@@ -181,13 +181,24 @@ def chunks_for(name: str, shape: tuple, dtype) -> tuple:
     return (int(max(1, min(shape[0], BLOCK_BYTES // max(row, 1)))),) + tuple(shape[1:])
 
 
-def layer_plan(name, shape, dtype, read_layer: Callable[[int], np.ndarray]) -> ArrayPlan:
-    """An [L, ...] array written one layer at a time from `read_layer(l)`."""
+def layer_plan(name, shape, dtype, read: Callable[[int, int, int], np.ndarray]) -> ArrayPlan:
+    """An [L, ...] array written a layer at a time from `read(layer, start, stop)`: the values
+    of [layer, start:stop] (axis 1). An expert stack is written in groups of experts of at most
+    BLOCK_BYTES (a whole layer of 127 experts of the 14B model is 0.5 GB per array); any other
+    array a whole layer at a time (start, stop = 0, shape[1])."""
+    chunks = chunks_for(name, shape, dtype)
+    step = shape[1]
+    if chunks[:2] == (1, 1) and len(shape) > 2:
+        per_expert = int(np.prod(shape[2:])) * np.dtype(dtype).itemsize
+        step = int(max(1, BLOCK_BYTES // max(per_expert, 1)))
+
     def blocks():
         for layer in range(shape[0]):
-            yield (layer,), read_layer(layer)
+            for start in range(0, shape[1], step):
+                stop = min(start + step, shape[1])
+                yield (layer, slice(start, stop)), read(layer, start, stop)
 
-    return ArrayPlan(tuple(shape), np.dtype(dtype), chunks_for(name, shape, dtype), blocks)
+    return ArrayPlan(tuple(shape), np.dtype(dtype), chunks, blocks)
 
 
 def rows_plan(name, shape, dtype, read_rows: Callable[[slice], np.ndarray]) -> ArrayPlan:
@@ -206,7 +217,7 @@ def copy_plan(reader: "ParamsReader", name: str) -> ArrayPlan:
     """An array copied unchanged from `reader`, block by block."""
     shape, dtype = reader.shape(name), reader.dtype(name)
     if name.startswith("blocks/"):
-        return layer_plan(name, shape, dtype, lambda l: reader.read(name, (l,)))
+        return layer_plan(name, shape, dtype, lambda l, a, b: reader.read(name, (l, slice(a, b))))
     return rows_plan(name, shape, dtype, lambda rows: reader.read(name, (rows,)))
 
 
@@ -266,11 +277,12 @@ def extract_plans(reader: ParamsReader, subset: subset_lib.Subset) -> dict:
         if leaf[:2] == ["blocks", "moe"] and leaf[-1] in EXPERT_WEIGHTS:
             plans[name] = layer_plan(
                 name, (shape[0], idx_LK.shape[1]) + shape[2:], dtype,
-                lambda l, name=name: reader.read(name, (l, idx_LK[l].tolist())))
+                lambda l, a, b, name=name: reader.read(name, (l, idx_LK[l, a:b].tolist())))
         elif leaf[:2] == ["blocks", "moe"] and leaf[-1] == ROUTER:
             plans[name] = layer_plan(
                 name, shape[:2] + (idx_LK.shape[1],), dtype,
-                lambda l, name=name: reader.read(name, (l, slice(None), idx_LK[l].tolist())))
+                lambda l, a, b, name=name: reader.read(name, (l, slice(a, b),
+                                                              idx_LK[l].tolist())))
         else:
             plans[name] = copy_plan(reader, name)
     return plans

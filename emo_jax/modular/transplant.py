@@ -108,21 +108,24 @@ def compose(base: str, takes: list[tuple[str, subset_lib.Subset]], out: str, *,
 
 
 def _patched_layer(base_reader, readers, takes, name):
-    """read_layer(l) of a composed expert stack or router: the base's layer l with each take's
-    claimed experts (rows, or router columns) read from its source."""
+    """read(layer, start, stop) of a composed expert stack (experts start..stop-1) or router
+    (all of it): the base's values with each take's claimed experts (rows, or router columns)
+    read from its source."""
     router = name.endswith(lazy.ROUTER)
 
-    def read_layer(layer):
-        values = base_reader.read(name, (layer,))
+    def read(layer, start, stop):
+        values = base_reader.read(name, (layer, slice(start, stop)))
         for reader, (_, subset) in zip(readers, takes):
             ids = subset.layers[layer]
             if router:
-                values[:, ids] = reader.read(name, (layer, slice(None), ids))
-            else:
-                values[ids] = reader.read(name, (layer, ids))
+                values[:, ids] = reader.read(name, (layer, slice(start, stop), ids))
+                continue
+            ids = [i for i in ids if start <= i < stop]
+            if ids:
+                values[np.asarray(ids) - start] = reader.read(name, (layer, ids))
         return values
 
-    return read_layer
+    return read
 
 
 def format_report(report: dict) -> str:

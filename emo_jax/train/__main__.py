@@ -1,7 +1,13 @@
 """The training command (also installed as `emo-train`):
 
     python -m emo_jax.train --config=configs/tiny.py --workdir=DIR \\
-        [--config.train.steps=200 ...] [--init_checkpoint=MODEL_OR_WORKDIR]
+        [--config.train.steps=200 ...] [--init_checkpoint=MODEL_OR_WORKDIR] \
+        [--trainable=subset.json [--train_router=rows|all|none]]
+
+With --trainable (module fine-tuning, emo_jax/train/modules.py) only the subset's experts train
+(and their router columns: --train_router=rows, the default; 'all': the whole router; 'none');
+everything else stays bit-identical to --init_checkpoint, whose model shape (e.g. the expert
+count of an extracted model) the run adopts.
 
 Run the same command on every host of a pod (see launch/). Rerunning it resumes from the newest
 checkpoint in DIR. A bad config key or value, a missing file, or a checkpoint of another model
@@ -29,6 +35,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
                                "rerun with the same workdir resumes.")
 _INIT = flags.DEFINE_string("init_checkpoint", None, "Start from the parameters of this model "
                             "directory or training workdir (ignored when resuming).")
+_TRAINABLE = flags.DEFINE_string("trainable", None, "Module fine-tuning: train only the experts "
+                                 "of this subset file (python -m emo_jax.select).")
+_TRAIN_ROUTER = flags.DEFINE_enum("train_router", None, ["rows", "all", "none"],
+                                  "With --trainable: also train the subset's router columns "
+                                  "('rows', the default), the whole router, or none of it.")
 
 
 def main(argv):
@@ -43,7 +54,8 @@ def main(argv):
     try:
         config = validate(_CONFIG.value)
         initialize_distributed()
-        result = train_and_evaluate(config, _WORKDIR.value, init_checkpoint=_INIT.value)
+        result = train_and_evaluate(config, _WORKDIR.value, init_checkpoint=_INIT.value,
+                                    trainable=_TRAINABLE.value, train_router=_TRAIN_ROUTER.value)
     except (ConfigError, CheckpointError, DataError, FileNotFoundError) as err:
         fail(str(err))
     except TrainingError as err:

@@ -425,6 +425,37 @@ def _saved_config(path: str, step: int | None) -> dict:
     raise CheckpointError(f"no readable checkpoint in {directory}")
 
 
+# Config keys a run started from --init_checkpoint takes from the checkpoint's config: the
+# parameter shapes, and top_k (an extracted model's is min(top_k, K - shared)).
+ADOPTED_KEYS = SHAPE_KEYS + ("moe.top_k",)
+
+
+def adopt_shape(config, path: str):
+    """`config` with the model shape of the checkpoint at `path` (ADOPTED_KEYS), so that e.g. an
+    extracted model (fewer experts) fine-tunes without --config.moe.num_experts=K. Logs each
+    key it changes; returns a validated copy (or `config` itself when nothing changes)."""
+    try:
+        saved = _saved_config(path, None)
+    except CheckpointError:
+        return config  # load_params reports the missing or unreadable checkpoint
+    now = _config_dict(config)
+    changes = [(k, _get(now, k), _get(saved, k)) for k in ADOPTED_KEYS
+               if _get(saved, k) is not None and _get(saved, k) != _get(now, k)]
+    if not changes:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key, _, value in changes:
+        section, name = key.split(".")
+        config[section][name] = value
+    logging.warning("--init_checkpoint=%s: adopted its model shape: %s", path,
+                    ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes))
+    try:
+        return validate(config)
+    except ConfigError as err:
+        raise CheckpointError(f"the config with the model shape of --init_checkpoint={path} "
+                              f"is invalid: {err}") from err
+
+
 def locate_params(path: str, step: int | None = None) -> tuple[str, dict, dict]:
     """(params item directory, saved config dict, metadata) of any checkpoint restore_model
     accepts, without reading an array: for tools that read the arrays themselves (partial reads

@@ -40,6 +40,7 @@ from emo_jax import parallel
 from emo_jax.config import validate
 from emo_jax.train import checkpoint as ckpt_lib
 from emo_jax.train import metrics as metrics_lib
+from emo_jax.train import modules
 from emo_jax.train import step as step_lib
 from emo_jax.train.feed import DataFeed
 
@@ -143,7 +144,8 @@ def _process_rows(config, mesh) -> tuple[int, int]:
 class _Run:
     """One call of train_and_evaluate: the state, the data, the writers, and the loop."""
 
-    def __init__(self, config, workdir: str, init_checkpoint: str | None, stack):
+    def __init__(self, config, workdir: str, init_checkpoint: str | None, stack,
+                 trainable=None, train_router: str | None = None):
         from emo_jax.data.pipeline import make_eval_batches
         from emo_jax.data.tokenizers import check_vocab, make_tokenizer
         from emo_jax.model.summary import summarize
@@ -160,7 +162,10 @@ class _Run:
         self.summary = summarize(config)
         self.checkpointer = ckpt_lib.Checkpointer(self.workdir, config)
         stack.callback(self.checkpointer.close)
-        graphdef, abstract, self.shardings = step_lib.abstract_state(config, mesh)
+        self.trainable = modules.for_run(self.workdir, trainable, train_router, config,
+                                         ckpt_lib.has_checkpoints(self.workdir))
+        graphdef, abstract, self.shardings = step_lib.abstract_state(config, mesh,
+                                                                     self.trainable)
 
         restored = self.checkpointer.restore_latest(abstract)
         self.resumed_from = None
@@ -175,13 +180,17 @@ class _Run:
             if init_checkpoint:
                 logging.warning("the workdir has checkpoints: --init_checkpoint ignored")
         else:
-            graphdef, self.state, self.shardings = step_lib.init_state(config, mesh)
+            graphdef, self.state, self.shardings = step_lib.init_state(config, mesh,
+                                                                       self.trainable)
             self.start = 0
             self.feed = DataFeed(config, rows=rows)
             stack.callback(self.feed.close)
             if init_checkpoint:
                 _init_params_from(init_checkpoint, self.state, config)
+            if self.trainable is not None:  # the rows of the loaded model, not of the init
+                modules.refresh_rows(self.state, self.shardings)
         _write_config(self.workdir, config)
+        modules.record(self.workdir, self.trainable)
 
         self.total = config.train.steps
         self.writer = metrics_lib.MetricWriter(self.workdir, config, total_steps=self.total,
@@ -200,6 +209,17 @@ class _Run:
                 f"({self.summary['active_params']:,} active) on {mesh.size} devices "
                 f"{dict(mesh.shape)} into {self.workdir}")
             self.writer.event(self.start, event="start", summary=self.summary)
+        if self.trainable is not None:
+            full = step_lib.abstract_state(config, mesh)[1]
+            report = {"trainable_params": modules.trainable_params(abstract),
+                      "optimizer_bytes": modules.state_bytes(abstract, "optimizer"),
+                      "optimizer_bytes_full_training": modules.state_bytes(full, "optimizer")}
+            self.writer.message(
+                f"module fine-tuning: {self.trainable.describe(config)}; optimizer state "
+                f"{report['optimizer_bytes']:,} bytes (training everything: "
+                f"{report['optimizer_bytes_full_training']:,})")
+            self.writer.event(self.start, event="module_fine_tuning", **report,
+                              trainable=self.trainable.to_json())
 
         self.train_step = step_lib.make_train_step(config, graphdef, self.shardings, mesh)
         model_graphdef = nnx.split(nnx.eval_shape(lambda: step_lib.TrainState(config).model))[0]
@@ -294,13 +314,21 @@ class _Run:
         return self.result
 
 
-def train_and_evaluate(config, workdir: str, *, init_checkpoint: str | None = None) -> dict:
+def train_and_evaluate(config, workdir: str, *, init_checkpoint: str | None = None,
+                       trainable=None, train_router: str | None = None) -> dict:
     """Trains to `config.train.steps` in `workdir` (resuming if it holds checkpoints).
+
+    init_checkpoint: start from its parameters; its model shape (`checkpoint.ADOPTED_KEYS`,
+    e.g. the expert count of an extracted model) replaces the config's, with a logged note.
+    trainable: a subset file (or Subset): module fine-tuning, only its experts train
+    (emo_jax/train/modules.py; train_router 'rows' (default), 'all' or 'none').
 
     Returns {'step', 'loss', 'eval_loss', 'skipped_steps', 'preempted' (signal name or None),
     'resumed_from' (step or None)}. Raises ConfigError, DataError, CheckpointError (user
     mistakes: one sentence each) or TrainingError.
     """
     validate(config)
+    if init_checkpoint:
+        config = ckpt_lib.adopt_shape(config, init_checkpoint)
     with contextlib.ExitStack() as stack:
-        return _Run(config, workdir, init_checkpoint, stack).run()
+        return _Run(config, workdir, init_checkpoint, stack, trainable, train_router).run()

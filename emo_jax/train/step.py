@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from emo_jax import parallel
 from emo_jax.model import losses
 from emo_jax.model.transformer import Transformer
+from emo_jax.train import modules
 from emo_jax.train import optimizer as optim
 from emo_jax.train.loss import loss_and_metrics
 
@@ -49,20 +50,26 @@ _SUMMED = ("loss", "cross_entropy", "output_z_loss", "router_z_loss", "predicted
 class TrainState(nnx.Module):
     """Model, optimiser, pool PRNG key and counters: the whole state of a training run."""
 
-    def __init__(self, config, tx=None):
+    def __init__(self, config, tx=None, trainable=None):
+        """trainable: a modules.Trainable for module fine-tuning (only those expert rows get an
+        optimizer, `self.rows`), or None: every parameter trains."""
         seed = config.train.seed
         self.model = Transformer(config, rngs=nnx.Rngs(seed))
-        self.optimizer = nnx.Optimizer(self.model, tx or optim.make_optimizer(config),
-                                       wrt=nnx.Param)
+        tx = tx or optim.make_optimizer(config)
+        if trainable is None:
+            self.optimizer = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
+        else:
+            self.rows = modules.ExpertRows(self.model, trainable)
+            self.optimizer = nnx.Optimizer(self.rows, tx, wrt=nnx.Param)
         self.rng = nnx.Variable(jax.random.fold_in(jax.random.PRNGKey(seed), _POOL_STREAM))
         self.step = nnx.Variable(jnp.zeros((), jnp.int32))  # steps taken, skipped ones included
         self.bad_in_a_row = nnx.Variable(jnp.zeros((), jnp.int32))  # consecutive skipped steps
         self.skipped = nnx.Variable(jnp.zeros((), jnp.int32))  # skipped steps in the whole run
 
 
-def abstract_state(config, mesh):
+def abstract_state(config, mesh, trainable=None):
     """(graphdef, abstract nnx.State with concrete shardings, shardings) without allocating."""
-    abstract = nnx.eval_shape(lambda: TrainState(config))
+    abstract = nnx.eval_shape(lambda: TrainState(config, trainable=trainable))
     graphdef, state = nnx.split(abstract)
     shardings = parallel.state_shardings(state, mesh, config)
     state = jax.tree.map(
@@ -71,11 +78,12 @@ def abstract_state(config, mesh):
     return graphdef, state, shardings
 
 
-def init_state(config, mesh):
+def init_state(config, mesh, trainable=None):
     """(graphdef, state, shardings): a fresh TrainState created directly in its shardings."""
-    graphdef, _, shardings = abstract_state(config, mesh)
+    graphdef, _, shardings = abstract_state(config, mesh, trainable)
     with jax.set_mesh(mesh):
-        state = jax.jit(lambda: nnx.state(TrainState(config)), out_shardings=shardings)()
+        state = jax.jit(lambda: nnx.state(TrainState(config, trainable=trainable)),
+                        out_shardings=shardings)()
     return graphdef, state, shardings
 
 
@@ -106,11 +114,17 @@ def _load_metrics(metrics):
     return metrics
 
 
-def loss_and_grads(model_graphdef, params, batch, config, step_key, num_shards: int, mesh):
-    """(loss, metrics, grads) of one optimiser step's batch, accumulated over micro-batches."""
+def loss_and_grads(model_graphdef, params, batch, config, step_key, num_shards: int, mesh,
+                   to_model=None):
+    """(loss, metrics, grads) of one optimiser step's batch, accumulated over micro-batches.
+
+    Gradients are with respect to `params`: the model's state, or (module fine-tuning) what
+    `to_model(params)` turns into the model's state.
+    """
+    to_model = to_model or (lambda p: p)
 
     def loss_fn(params, mb, key, **kwargs):
-        model = nnx.merge(model_graphdef, params)
+        model = nnx.merge(model_graphdef, to_model(params))
         return loss_and_metrics(model, mb, config, key, num_shards=num_shards, **kwargs)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -129,7 +143,7 @@ def loss_and_grads(model_graphdef, params, batch, config, step_key, num_shards: 
         def count_one(total_LR, inputs):
             mb, key = inputs
             # Fresh Variables at this trace level (nnx refuses ones from the outer trace).
-            model = nnx.merge(model_graphdef, jax.tree.map(lambda x: x, params))
+            model = nnx.merge(model_graphdef, jax.tree.map(lambda x: x, to_model(params)))
             _, stats = model(mb["tokens"], mb["segment_ids"], mb["positions"], pool_key=key)
             return total_LR + stats["counts"].sum(1), None
 
@@ -161,6 +175,8 @@ def make_train_step(config, graphdef, shardings, mesh):
 
     `batch` is the global batch (int32 [B, S] arrays sharded over the batch axes). Metrics are
     replicated scalars and per-layer arrays (suffix _L); see `emo_jax/train/metrics.py`.
+    A TrainState with `rows` (module fine-tuning, modules.py) trains only them: gradients and
+    the optimizer see the rows, and the model is the frozen one with the new rows written in.
     """
     num_shards = parallel.batch_shards(mesh)
     schedule = optim.learning_rate_schedule(config)
@@ -169,11 +185,18 @@ def make_train_step(config, graphdef, shardings, mesh):
     def train_step(state, batch):
         ts = nnx.merge(graphdef, state)
         model_graphdef, params = nnx.split(ts.model)
+        trained, to_model = ts.model, None
+        if hasattr(ts, "rows"):
+            frozen, idx_LK = params, ts.rows.idx[...]
+            trained, params = ts.rows, nnx.state(ts.rows, nnx.Param)
+
+            def to_model(rows):
+                return modules.merged(frozen, rows, idx_LK)
         old_params = jax.tree.map(lambda x: x, params)
         old_opt = jax.tree.map(lambda x: x, nnx.state(ts.optimizer))
         step_key = jax.random.fold_in(ts.rng[...], ts.step[...])
         loss, metrics, grads = loss_and_grads(model_graphdef, params, batch, config, step_key,
-                                              num_shards, mesh)
+                                              num_shards, mesh, to_model)
         if inject:
             poison = jnp.where(ts.step[...] + 1 == inject, jnp.nan, 1.0)
             loss = loss * poison
@@ -181,9 +204,11 @@ def make_train_step(config, graphdef, shardings, mesh):
         grad_norm = optim.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         lr = schedule(ts.optimizer.step[...])
-        ts.optimizer.update(ts.model, grads)
-        nnx.update(ts.model, _select(ok, nnx.state(ts.model), old_params))
+        ts.optimizer.update(trained, grads)
+        nnx.update(trained, _select(ok, nnx.state(trained, nnx.Param), old_params))
         nnx.update(ts.optimizer, _select(ok, nnx.state(ts.optimizer), old_opt))
+        if to_model is not None:
+            nnx.update(ts.model, to_model(nnx.state(ts.rows, nnx.Param)))
         ts.step[...] = ts.step[...] + 1
         ts.bad_in_a_row[...] = jnp.where(ok, 0, ts.bad_in_a_row[...] + 1)
         ts.skipped[...] = ts.skipped[...] + (~ok).astype(jnp.int32)
