@@ -42,6 +42,12 @@ setup(
             "emo-train=emo_jax.train.__main__:run",
             "emo-eval=emo_jax.eval:run",
             "emo-summary=emo_jax.summary:run",
+            "emo-select=emo_jax.select:run",
+            "emo-extract=emo_jax.extract:run",
+            "emo-analyze=emo_jax.analyze:run",
+            "emo-generate=emo_jax.generate:run",
+            "emo-convert=emo_jax.convert:run",
+            "emo-compose=emo_jax.compose:run",
         ]
     },
 )

@@ -36,11 +36,11 @@ def machine() -> dict:
 def write_results(name: str, rows: list[dict], extra: dict | None = None) -> Path:
     """Prints rows as a table and writes {machine, rows} as JSON under bench/out/."""
     if rows:
-        keys = list(rows[0])
-        widths = [max(len(k), *(len(_fmt(r[k])) for r in rows)) for k in keys]
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        widths = [max(len(k), *(len(_fmt(r.get(k, ""))) for r in rows)) for k in keys]
         print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
         for r in rows:
-            print("  ".join(_fmt(r[k]).ljust(w) for k, w in zip(keys, widths)))
+            print("  ".join(_fmt(r.get(k, "")).ljust(w) for k, w in zip(keys, widths)))
     OUT_DIR.mkdir(exist_ok=True)
     path = OUT_DIR / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), "rows": rows, **(extra or {})}, indent=1))
