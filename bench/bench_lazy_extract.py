@@ -178,6 +178,7 @@ def main():
             })
             if not args.keep:
                 shutil.rmtree(out)
+                os.remove(subset_path)
     finally:
         if not args.keep:
             shutil.rmtree(full, ignore_errors=True)

@@ -8,12 +8,14 @@ count and bytes before and after, the bytes read and the peak memory of the proc
 
 By default the extraction is lazy (emo_jax/modular/lazy.py): only the kept experts' rows are
 read from disk and the output is written layer by layer, so carving a subset out of a huge
-checkpoint holds one layer's kept rows in memory, not the model; arrays keep their stored dtype. --eager restores the whole model (float32) and
-cuts it in memory (emo_jax/modular/extract.py): the reference, equal bit for bit on a float32
-checkpoint. DIR2 is a model directory that every tool reads like any
-checkpoint: `emo_jax.eval`, `emo_jax.generate`, `emo_jax.select` (with K no larger than the
-new expert count), and `emo_jax.train --init_checkpoint=DIR2` to fine-tune it. An existing DIR2
-is never overwritten. Details: emo_jax/modular/extract.py.
+checkpoint holds a few blocks of it in memory, never the model; arrays keep their stored dtype.
+--eager restores the whole model (float32) and cuts it in memory (emo_jax/modular/extract.py):
+the reference, equal bit for bit on a float32 checkpoint.
+
+DIR2 is a model directory that every tool reads like any checkpoint: `emo_jax.eval`,
+`emo_jax.generate`, `emo_jax.select` (with K no larger than the new expert count), and
+`emo_jax.train --init_checkpoint=DIR2` to fine-tune it (the run adopts its expert count). An
+existing DIR2 is never overwritten.
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ def main(argv):
     print(f"peak memory (RSS) of this process: {report['peak_rss_bytes']:,} bytes "
           f"({_gib(report['peak_rss_bytes'])})")
     print(f"wrote {path}; fine-tune it with: python -m emo_jax.train --config=YOUR_CONFIG "
-          f"--config.moe.num_experts={report['num_experts_after']} "
-          f"--config.moe.top_k={report['top_k_after']} --init_checkpoint={path} --workdir=DIR")
+          f"--init_checkpoint={path} --workdir=DIR (the run adopts its "
+          f"{report['num_experts_after']} experts and top_k {report['top_k_after']})")
 
 
 def run():

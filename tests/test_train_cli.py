@@ -193,3 +193,15 @@ def test_readme_quick_start_train_command(tmp_path):
     assert proc.returncode == 0, proc.stderr
     recs = th.step_records(workdir)
     assert sorted(recs)[-1] == th.STEPS and recs[th.STEPS]["loss"] < recs[1]["loss"]
+
+
+def test_console_scripts_resolve():
+    with open(os.path.join(th.REPO, "setup.py"), encoding="utf-8") as f:
+        setup = f.read()
+    for script in ("emo-train", "emo-eval"):
+        target = re.search(rf'"{script}=([\w.]+):(\w+)"', setup)
+        assert target, script
+        # In a subprocess: importing an entry point defines its absl flags.
+        code = (f"import importlib; f = getattr(importlib.import_module({target.group(1)!r}), "
+                f"{target.group(2)!r}); assert callable(f)")
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=th.REPO, timeout=120)

@@ -69,7 +69,6 @@ MODEL_FORMAT_VERSION = 1
 SHAPE_KEYS = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
               "model.num_kv_heads", "model.head_dim", "model.qk_norm", "moe.num_experts",
               "moe.num_shared_experts", "moe.expert_hidden")
-_ITEMS = ("params", "train_state", "data", "meta")
 # Stacked expert weights [L, E, ...] of blocks/moe: chunked one expert per chunk on disk.
 EXPERT_STACKS = ("w_gate", "w_up", "w_down", "shared_gate", "shared_up", "shared_down")
 
@@ -168,7 +167,7 @@ def _check_shapes(saved_tree, target_tree, where: str, saved_config: dict | None
         + f": {shown}. Use the config it was trained with, or another --workdir.")
 
 
-def _sync(name: str):
+def barrier(name: str):
     """A barrier of all processes (through the distributed client, no device involved)."""
     if jax.process_count() > 1:
         _use_distributed_barriers()
@@ -315,7 +314,7 @@ class Checkpointer:
                 target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
                 os.rename(os.path.join(self.directory, str(step)), target)
                 logging.warning("moved unreadable checkpoint %d to %s", step, target)
-        _sync("emo_jax_checkpoint_set_aside")
+        barrier("emo_jax_checkpoint_set_aside")
         self.manager.reload()
 
 
@@ -555,7 +554,7 @@ def save_params(path: str, params: dict, config, metadata: dict | None = None, *
     partial = path + ".partial"
     if jax.process_index() == 0 and os.path.exists(partial):
         shutil.rmtree(partial)  # an earlier interrupted save: never a complete model
-    _sync("emo_jax_save_model_start")
+    barrier("emo_jax_save_model_start")
     params = _str_keys(params)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(partial, "params"), params,
@@ -575,5 +574,5 @@ def save_params(path: str, params: dict, config, metadata: dict | None = None, *
             shutil.rmtree(old)
         else:
             os.rename(partial, path)
-    _sync("emo_jax_save_model_end")
+    barrier("emo_jax_save_model_end")
     return path

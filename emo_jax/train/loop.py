@@ -282,6 +282,12 @@ class _Run:
 
     def run(self) -> dict:
         config, every = self.config, self.config.train.eval_every
+        if jax.process_count() > 1 and self.start < self.total:
+            # Compile first, then wait for every process: a host that compiles slowly would
+            # otherwise keep the others waiting in the first collective (gloo gives up after
+            # 30 s; seen on a loaded CPU machine).
+            self.train_step.compile(self.state)
+            ckpt_lib.barrier("emo_jax_train_step_compiled")
         for step_number in range(self.start + 1, self.total + 1):
             host_batch = self.feed.next()
             crc = zlib.crc32(np.ascontiguousarray(host_batch["tokens"]).tobytes())

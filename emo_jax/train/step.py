@@ -225,7 +225,16 @@ def make_train_step(config, graphdef, shardings, mesh):
         with jax.set_mesh(mesh):
             return jitted(state, batch)
 
+    def compile_for(state):
+        """Compiles the step ahead of its first call (for the state's shapes)."""
+        batch = {k: jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len), jnp.int32,
+                                         sharding=parallel.batch_sharding(mesh))
+                 for k in ("tokens", "segment_ids", "positions")}
+        with jax.set_mesh(mesh):
+            return jitted.lower(state, batch).compile()
+
     run.jitted = jitted
+    run.compile = compile_for
     return run
 
 
