@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from emo_jax import convert
+from emo_jax.interop import conversion as convert
 from emo_jax.config import default_config, validate
 from emo_jax.interop import hf, safetensors_io
 from emo_jax.interop.hf import InteropError
@@ -344,7 +344,6 @@ def hand_made_hf(num_experts=6, shared=1, top_k=2, layers=2, d=24, heads=4, kv=2
 
 @pytest.mark.parametrize("shared,kv", [(1, 2), (2, 4)])
 def test_imported_model_matches_numpy_forward_of_hf_layout(tmp_path, shared, kv):
-    from emo_jax.model.transformer import Transformer  # noqa: F401
 
     cfg, tensors = hand_made_hf(num_experts=5 + shared, shared=shared, kv=kv, seed=shared)
     write_hf_model(tmp_path / "hf", cfg, tensors, files=2)

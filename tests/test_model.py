@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import nnx
 
 from emo_jax.config import default_config, validate
@@ -57,7 +56,8 @@ def test_remat_gives_identical_gradients():
         config = tiny_config()
         config.model.remat = remat
         model = Transformer(config, rngs=nnx.Rngs(1))
-        grads.append(nnx.grad(lambda m: loss_and_metrics(m, batch, config, jax.random.key(0))[0])(model))
+        grads.append(nnx.jit(nnx.grad(
+            lambda m: loss_and_metrics(m, batch, config, jax.random.key(0))[0]))(model))
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 

@@ -49,7 +49,7 @@ def test_dropless_matches_dense_reference(pool, shared, impl):
     seg = jnp.asarray(packed_segments(rng, 3, 20))
     x = jnp.asarray(rng.normal(size=(3, 20, 16)).astype(np.float32))
     pool_size = jnp.full((3, 20), 4, jnp.int32) if pool == "document" else None
-    y, stats = layer(x, seg, pool_size)
+    y, stats = nnx.jit(lambda layer, x: layer(x, seg, pool_size))(layer, x)
     logits = jnp.einsum("bsd,dr->bsr", x, layer.router[...])
     decision = routing.route(logits, seg, layer.top_k, pool_size)
     np.testing.assert_allclose(y, dense_reference(x, layer, decision), rtol=2e-4, atol=2e-5)
@@ -73,8 +73,9 @@ def test_dropless_matches_dense_reference(pool, shared, impl):
             out, _ = layer(x, seg, pool_size)
         return jnp.sum(out * jnp.cos(jnp.arange(16.0)))
 
-    g_fast = nnx.grad(loss, argnums=(0, 1))(layer, x, False)
-    g_dense = nnx.grad(loss, argnums=(0, 1))(layer, x, True)
+    grad = nnx.jit(nnx.grad(loss, argnums=(0, 1)), static_argnums=2)
+    g_fast = grad(layer, x, False)
+    g_dense = grad(layer, x, True)
     for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_dense)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
     assert np.abs(np.asarray(g_fast[0].router[...])).sum() > 0
@@ -89,7 +90,7 @@ def test_expert_rows_scale_with_assignments_not_experts():
     rows = {}
     for experts in (8, 16, 32, 64):
         layer, _ = make_layer(experts, 0, "blocked", top_k=top_k)
-        _, stats = layer(x, seg, None)
+        _, stats = nnx.jit(lambda layer, x: layer(x, seg, None))(layer, x)
         rows[experts] = float(stats["rows_processed"])
         padding_bound = experts * (block - 1)
         assert rows[experts] <= 1.3 * tokens * top_k + padding_bound, rows

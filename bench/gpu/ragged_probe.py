@@ -1,7 +1,7 @@
 """Is jax.lax.ragged_dot native on this backend? Times it against a plain matmul of the same
 active FLOPs at 8..128 groups.    python bench/gpu/ragged_probe.py  (writes $OUT or bench/out)
 """
-import json, os, time, jax, jax.numpy as jnp, numpy as np
+import json, os, time, jax, jax.numpy as jnp
 def bench(f, *a, n=20):
     jax.block_until_ready(f(*a)); jax.block_until_ready(f(*a))
     t = time.perf_counter()
