@@ -2,7 +2,7 @@
 
     python -m emo_jax.generate --checkpoint=DIR --prompt="..." \\
         [--subset=subset.json | --subset_from_prompt=K [--method=layerwise]] \\
-        [--max_new_tokens=128] [--temperature=0.7] [--top_p=0.9] [--seed=0] \
+        [--max_new_tokens=128] [--temperature=0.7] [--top_p=0.9] [--seed=0] \\
         [--request_log=FILE.jsonl]
 
 Decoding uses a fixed-size KV cache (emo_jax/model/decode.py). With --subset, or with

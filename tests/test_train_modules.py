@@ -141,6 +141,9 @@ def test_module_fine_tuning_freezes_everything_else(setup):
                                axis_types=(jax.sharding.AxisType.Auto,) * 3)
     losses = {name: float(loss(restore_model(path, mesh=one_device)[0]))
               for name, path in (("before", setup["base"]), ("after", str(d / "run")))}
+    print(f"python-domain loss: {losses['before']:.4f} before, {losses['after']:.4f} after; "
+          f"optimizer state {event['optimizer_bytes']:,} bytes (training everything: "
+          f"{event['optimizer_bytes_full_training']:,})")
     assert losses["after"] < losses["before"] - 0.05, losses
 
     # Resuming restored the rows' AdamW state and the data position: same end, bit for bit.

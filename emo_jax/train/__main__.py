@@ -1,7 +1,7 @@
 """The training command (also installed as `emo-train`):
 
     python -m emo_jax.train --config=configs/tiny.py --workdir=DIR \\
-        [--config.train.steps=200 ...] [--init_checkpoint=MODEL_OR_WORKDIR] \
+        [--config.train.steps=200 ...] [--init_checkpoint=MODEL_OR_WORKDIR] \\
         [--trainable=subset.json [--train_router=rows|all|none]]
 
 With --trainable (module fine-tuning, emo_jax/train/modules.py) only the subset's experts train
