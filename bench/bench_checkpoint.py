@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from bench.bench_train_step import load_config, packed_batch
+from bench.bench_train_step import compiled_step, load_config
 from bench.common import write_results
 
 
@@ -45,20 +45,13 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args()
 
-    from emo_jax import parallel
     from emo_jax.config import validate
     from emo_jax.model.summary import summarize
     from emo_jax.modular.extract import extracted_config
-    from emo_jax.train import step as step_lib
     from emo_jax.train.checkpoint import Checkpointer
 
     config = validate(load_config(args.config))
-    mesh = parallel.make_mesh(config)
-    graphdef, state, shardings = step_lib.init_state(config, mesh)
-    train_step = step_lib.make_train_step(config, graphdef, shardings, mesh)
-    batch = parallel.host_to_global(
-        packed_batch(config.data.batch_size, config.data.seq_len, config.model.vocab_size), mesh)
-    state, _ = train_step(state, batch)  # compile
+    train_step, state, batch = compiled_step(config)
 
     rows = []
     with tempfile.TemporaryDirectory() as workdir:

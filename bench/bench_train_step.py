@@ -55,7 +55,8 @@ def packed_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
     return {"tokens": tokens, "segment_ids": seg, "positions": pos}
 
 
-def step_time(config, repeats: int) -> float:
+def compiled_step(config):
+    """(train_step, state, batch): the real train step, compiled and run once, on packed docs."""
     from emo_jax import parallel
     from emo_jax.train import step as step_lib
 
@@ -64,8 +65,13 @@ def step_time(config, repeats: int) -> float:
     train_step = step_lib.make_train_step(config, graphdef, shardings, mesh)
     batch = parallel.host_to_global(
         packed_batch(config.data.batch_size, config.data.seq_len, config.model.vocab_size), mesh)
-    state, metrics = train_step(state, batch)  # compile
+    state, metrics = train_step(state, batch)
     jax.block_until_ready(metrics)
+    return train_step, state, batch
+
+
+def step_time(config, repeats: int) -> float:
+    train_step, state, batch = compiled_step(config)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
