@@ -91,7 +91,8 @@ def measure(variant, workdir, args, train_by, eval_by, domains):
 
 
 def analyse(variant, workdir, args, eval_by, domains):
-    """The analyze report of one model (heat maps, subset overlap, router clusters)."""
+    """The analyze report of one model (heat maps, subset overlap, router clusters of tokens and
+    of documents)."""
     from emo_jax.modular import runtime
     from emo_jax.modular.analysis import analyze
 
@@ -220,8 +221,11 @@ def main():
     if not args.smoke and not args.no_analysis:
         for variant, workdir in workdirs.items():
             summary = analyse(variant, workdir, args, eval_by, domains)
-            print(variant, "analysis:", {k: v for k, v in summary.items()
-                                         if k in ("purity", "nmi", "clusters")}, flush=True)
+            shown = ("clusters", "purity", "nmi", "purity_shuffled", "nmi_shuffled",  # tokens
+                     "doc_clusters", "doc_purity", "doc_nmi", "doc_purity_shuffled",
+                     "doc_nmi_shuffled")  # documents
+            print(variant, "analysis:", {k: summary[k] for k in shown if k in summary},
+                  flush=True)
 
 
 if __name__ == "__main__":

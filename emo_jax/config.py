@@ -53,10 +53,11 @@ def default_config() -> ml_collections.ConfigDict:
     # accumulation micro-step separately: the reference), 'local' (each device shard: ablation),
     # 'sequence' (each packed row: ablation).
     e.balance_scope = "global"
-    # Local grouped expert matmul: 'auto' (ragged_dot where native: TPU; else 'blocked'),
-    # 'ragged_dot', 'blocked' (portable, dropless: expert groups padded to block_size).
+    # Local grouped expert matmul, all dropless: 'auto' (ragged_dot on TPU, looped on CPU,
+    # blocked on GPU), 'ragged_dot', 'blocked' (one batched matmul over expert groups padded to
+    # block_size), 'looped' (a loop over the used blocks, plain matmuls: fastest on CPU).
     e.grouped_matmul = "auto"
-    e.block_size = 64  # rows per block of the 'blocked' grouped matmul
+    e.block_size = 128  # rows per block of the 'blocked' and 'looped' grouped matmuls
     # Expert-parallel dispatch when mesh.expert > 1: 'auto' (ragged where the backend has
     # ragged_all_to_all, else capacity), 'capacity' (all_to_all on capacity buffers, may drop),
     # 'ragged' (dropless ragged_all_to_all).
@@ -137,7 +138,7 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots"),
     "moe.pool": ("document", "none"),
     "moe.balance_scope": ("global", "micro_batch", "local", "sequence"),
-    "moe.grouped_matmul": ("auto", "ragged_dot", "blocked"),
+    "moe.grouped_matmul": ("auto", "ragged_dot", "blocked", "looped"),
     "moe.dispatch": ("auto", "capacity", "ragged"),
     "data.packing": ("first_fit", "best_fit", "concat_then_split"),
     "data.on_bad_record": ("skip", "error"),

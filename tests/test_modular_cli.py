@@ -126,7 +126,8 @@ def test_analyze_writes_its_files_and_its_scores_are_right(chain):
     out = f"{d}/analysis"
     files = set(os.listdir(out))
     assert {"report.md", "analysis.json", "jaccard.png", "clusters.png", "tokens.npz",
-            "usage_layer_00.png", "usage_layer_01.png"} <= files
+            "doc_clusters.png", "documents.npz", "usage_layer_00.png",
+            "usage_layer_01.png"} <= files
     with open(f"{out}/analysis.json") as f:
         summary = json.load(f)
     tokens = np.load(f"{out}/tokens.npz")
@@ -138,10 +139,20 @@ def test_analyze_writes_its_files_and_its_scores_are_right(chain):
     np.add.at(table, (truth, pred), 1)
     assert summary["purity"] == pytest.approx(table.max(0).sum() / table.sum(), rel=1e-12)
     assert summary["nmi"] == pytest.approx(analysis.nmi(truth, pred), rel=1e-12)
+    # Document level: one point per document, k = the number of domains by default.
+    documents = np.load(f"{out}/documents.npz")
+    assert summary["cluster_documents"] == len(documents["cluster"]) == 9
+    assert summary["doc_clusters"] <= 3
+    truth, pred = documents["domain"], documents["cluster"]
+    assert summary["doc_purity"] == pytest.approx(analysis.purity(truth, pred), rel=1e-12)
+    assert summary["doc_nmi"] == pytest.approx(analysis.nmi(truth, pred), rel=1e-12)
     report = open(f"{out}/report.md").read()
     assert "![token clusters](clusters.png)" in report and "usage_layer_01.png" in report
-    assert f"{summary['purity']:.3f}" in report
+    assert "![document clusters](doc_clusters.png)" in report
+    assert f"{summary['purity']:.3f}" in report and f"{summary['doc_nmi']:.3f}" in report
     assert "purity" in results["analyze"].stdout
+    assert f"clusters of 9 documents: purity {summary['doc_purity']:.3f}" in \
+        results["analyze"].stdout
 
 
 def test_user_mistakes_are_one_line_errors(chain, workdir, data_file, tmp_path):

@@ -9,6 +9,7 @@ from flax import nnx
 from emo_jax.config import default_config
 from emo_jax.model import moe as moe_lib
 from emo_jax.model import routing
+from emo_jax.model.grouped_matmul import grouped_swiglu
 
 from test_routing import packed_segments
 
@@ -42,7 +43,7 @@ def make_layer(num_experts, shared, impl, top_k=2, d=16, f=24):
 
 @pytest.mark.parametrize("pool", ["document", "none"])
 @pytest.mark.parametrize("shared", [0, 1])
-@pytest.mark.parametrize("impl", ["blocked", "ragged_dot"])
+@pytest.mark.parametrize("impl", ["blocked", "looped", "ragged_dot"])
 def test_dropless_matches_dense_reference(pool, shared, impl):
     layer, _ = make_layer(9 + shared if shared else 8, shared, impl)
     rng = np.random.default_rng(3)
@@ -98,17 +99,43 @@ def test_expert_rows_scale_with_assignments_not_experts():
     assert rows[64] <= 1.3 * rows[8], rows
 
 
-def test_static_block_budget_is_worst_case_safe():
+@pytest.mark.parametrize("impl", ["blocked", "looped"])
+def test_static_block_budget_is_worst_case_safe(impl):
     """All assignments on one expert, or spread one per expert: nothing is dropped."""
-    layer, _ = make_layer(8, 0, "blocked", top_k=1)
+    layer, _ = make_layer(8, 0, impl, top_k=1)
     x = jnp.asarray(np.random.default_rng(5).normal(size=(6, 16)).astype(np.float32))
     for idx in (np.zeros((6, 1), np.int32), np.arange(6, dtype=np.int32)[:, None]):
         w = jnp.ones((6, 1))
         y, _ = moe_lib.dispatch_local(x, jnp.asarray(idx), w, layer.w_gate[...], layer.w_up[...],
-                                      layer.w_down[...], impl="blocked", block_size=4,
+                                      layer.w_down[...], impl=impl, block_size=4,
                                       compute_dtype="float32")
         ref, _ = moe_lib.dispatch_local(x, jnp.asarray(idx), w, layer.w_gate[...], layer.w_up[...],
                                         layer.w_down[...], impl="ragged_dot", block_size=4,
                                         compute_dtype="float32")
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
         assert np.abs(np.asarray(y)).min(-1).max() > 0
+
+
+def test_looped_runs_only_the_used_blocks_and_matches_in_bfloat16():
+    """The looped matmul's work is sum_e ceil(n_e / block) blocks (no spare ones); rows past the
+    groups give zero output and zero gradient; bfloat16 agrees with float32 to bf16 precision."""
+    rng = np.random.default_rng(6)
+    group_sizes = jnp.asarray([5, 0, 9, 1, 0, 4], jnp.int32)  # 19 of 24 rows live
+    x = jnp.asarray(rng.normal(size=(24, 16)).astype(np.float32))
+    ws = [jnp.asarray(0.3 * rng.normal(size=s).astype(np.float32))
+          for s in ((6, 16, 8), (6, 16, 8), (6, 8, 16))]
+
+    def run(dtype):
+        def loss(x, ws):
+            y, rows = grouped_swiglu(x, group_sizes, *ws, impl="looped", block_size=4,
+                                     compute_dtype=dtype)
+            return jnp.sum(y.astype(jnp.float32) * jnp.cos(jnp.arange(16.0))), (y, rows)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, ws)
+
+    (_, (y, rows)), (dx, _) = run("float32")
+    assert int(rows) == 4 * (2 + 3 + 1 + 1)
+    assert not np.asarray(y)[19:].any() and not np.asarray(dx)[19:].any()
+    (_, (y16, _)), (dx16, dws16) = run("bfloat16")
+    np.testing.assert_allclose(np.asarray(y16, np.float32), y, rtol=0.05, atol=0.05)
+    np.testing.assert_allclose(np.asarray(dx16, np.float32), dx, rtol=0.05, atol=0.05)
+    assert all(w.dtype == jnp.float32 for w in dws16)

@@ -140,3 +140,19 @@ def test_gradients_reach_router_only_through_weights():
     assert through("probs") > 0
     assert through("z") > 0
     assert through("counts") == 0, "counts (and so the pool choice / indices) carry no gradient"
+
+
+@pytest.mark.parametrize("experts", [R, routing.PAIRWISE_RANK_MAX_EXPERTS + 3])
+def test_top_p_mask_breaks_ties_by_expert_id_like_a_stable_sort(experts):
+    """Both rank methods (pairwise for few experts, sorted threshold for many)."""
+    rng = np.random.default_rng(3)
+    # Few distinct values, so most rows have ties at the threshold.
+    mass = rng.integers(0, 4, size=(6, 9, experts)).astype(np.float32)
+    p = rng.integers(0, experts + 3, size=(6, 9)).astype(np.int32)
+    got = np.asarray(routing.top_p_mask(jnp.asarray(mass), jnp.asarray(p)))
+    want = np.zeros_like(got)
+    for b in range(6):
+        for n in range(9):
+            top = sorted(range(experts), key=lambda e: (-mass[b, n, e], e))[: max(1, p[b, n])]
+            want[b, n, top] = True
+    np.testing.assert_array_equal(got, want)

@@ -51,12 +51,35 @@ def document_pool_mask(probs_BSR, segment_ids_BS, pool_size_BN):
     expert id). Padding tokens get an all-False row. No gradient flows through the choice.
     """
     mass_BNR = segment_mass(jax.lax.stop_gradient(probs_BSR), segment_ids_BS)
-    # rank[e] = how many experts come before e in descending-mass order.
-    order_BNR = jnp.argsort(-mass_BNR, axis=-1, stable=True)
-    rank_BNR = jnp.argsort(order_BNR, axis=-1, stable=True)
-    in_pool_BNR = rank_BNR < pool_size_BN[..., None]
+    in_pool_BNR = top_p_mask(mass_BNR, pool_size_BN)
     in_pool_BSR = jnp.take_along_axis(in_pool_BNR, segment_ids_BS[..., None], axis=1)
     return in_pool_BSR & (segment_ids_BS != 0)[..., None]
+
+
+# Up to this many experts the pool ranks come from pairwise comparisons (R^2 per segment, fused,
+# about 10x faster than a sort on XLA:CPU at R=32); above it, from one value sort (R log R).
+PAIRWISE_RANK_MAX_EXPERTS = 64
+
+
+def top_p_mask(mass_BNR, p_BN):
+    """[B, N, R] bool: the p largest entries of each mass row, ties going to the lower expert id
+    (exactly the first p of a stable descending sort); p is clipped to [1, R]."""
+    r = mass_BNR.shape[-1]
+    p_BN1 = jnp.clip(p_BN, 1, r)[..., None]
+    if r <= PAIRWISE_RANK_MAX_EXPERTS:
+        # rank[e] = #experts ahead of e: larger mass, or equal mass and a lower id.
+        ahead_BNRR = (mass_BNR[..., None, :] > mass_BNR[..., :, None]) | (
+            (mass_BNR[..., None, :] == mass_BNR[..., :, None]) & jnp.tri(r, k=-1, dtype=bool))
+        return jnp.sum(ahead_BNRR, axis=-1) < p_BN1
+    # The p-th largest value is the threshold: everything above it is in, and of the entries
+    # equal to it, the first (p - #above) by expert id.
+    desc_BNR = -jnp.sort(-mass_BNR, axis=-1)
+    threshold_BN1 = jnp.take_along_axis(desc_BNR, p_BN1 - 1, axis=-1)
+    above_BNR = mass_BNR > threshold_BN1
+    tied_BNR = mass_BNR == threshold_BN1
+    tied_before_BNR = jnp.cumsum(tied_BNR, axis=-1) - tied_BNR
+    room_BN1 = p_BN1 - jnp.sum(above_BNR, axis=-1, keepdims=True)
+    return above_BNR | (tied_BNR & (tied_before_BNR < room_BN1))
 
 
 def route(logits_BSR, segment_ids_BS, top_k: int, pool_size_BN=None, expert_mask_R=None):

@@ -10,20 +10,35 @@
                        over layers; routed experts only, the shared ones are in every subset)
   clusters.png         the token embeddings of the clustering (first two principal components)
                        coloured by domain and by cluster
+  doc_clusters.png     the same for the document embeddings
   analysis.json        every number behind the pictures
   tokens.npz           per clustered token: `cluster`, `domain` (index into analysis.json's
                        `domains`), `document` (index of its document), `xy` (the two
                        coordinates plotted)
+  documents.npz        the same per clustered document
   report.md            a short report that embeds the pictures
 
-Clustering (EMO_METHOD.md §4): the router softmax of the first `first_tokens` tokens of each
-document, all layers concatenated ([L*R] per token), mean-centred, reduced by PCA, L2-normalised
-and clustered by spherical k-means (cosine similarity to unit centroids; k-means++ seeding from
-scikit-learn, best of `n_init` runs). Cluster purity and normalised mutual information
-(scikit-learn's NMI, arithmetic normalisation) against the documents' `domain` labels measure
-whether routing is organised by topic. Documents without a domain are left out of purity/NMI.
+Clustering (EMO_METHOD.md §4), at two levels through one pipeline:
 
-Inference routing (plain top-k, no pool), as the model is served.
+  tokens     the router softmax of the first `first_tokens` tokens of each document, all layers
+             concatenated ([L*R] per token)
+  documents  per document, the mean of its tokens' router softmax over its first `doc_tokens`
+             tokens (default: the model's `data.seq_len`, i.e. the whole document up to one
+             training context), all layers concatenated ([L*R] per document); documents
+             without tokens are left out
+
+The points are mean-centred, reduced by PCA, L2-normalised and clustered by spherical k-means
+(cosine similarity to unit centroids; k-means++ seeding from scikit-learn, best of `n_init`
+runs), k=`clusters` for tokens and k=`doc_clusters` (default: the number of domains) for
+documents. Cluster purity and normalised mutual information (scikit-learn's NMI, arithmetic
+normalisation) against the documents' `domain` labels measure whether routing is organised by
+topic; the same scores of randomly permuted cluster labels are the chance level. Documents
+without a domain are left out of purity/NMI. A single token can be routed by its surface form
+(a space, a digit) while the document's average routing still identifies its topic: the two
+levels tell these apart.
+
+Both levels see each document from its start, one document per row (`leading_tokens_batches`),
+with inference routing (plain top-k, no pool), as the model is served.
 """
 
 from __future__ import annotations
@@ -76,18 +91,38 @@ def domain_usage(model, docs, tokenizer, *, seq_len: int, batch_size: int = 8):
     return names, usage, mass, tokens
 
 
+def _leading_token_probs(model, docs, tokenizer, length: int, batch_size: int):
+    """Yields per batch of one document per row (its first `length` tokens): (router softmax
+    [T, L*R] of the batch's real tokens, all layers concatenated; document index [T]), tokens
+    in row-major order, so each document's tokens are contiguous."""
+    probe = Probe(model, token_probs=True)
+    for batch in runtime.leading_tokens_batches(docs, tokenizer, length, batch_size):
+        probs_LBSR = probe(batch)["probs_LBSR"]
+        real_BS = batch["segment_ids"] != 0
+        probs_TLR = np.moveaxis(probs_LBSR[:, real_BS], 0, 1).astype(np.float64)
+        yield probs_TLR.reshape(probs_TLR.shape[0], -1), batch["document_ids"][real_BS]
+
+
 def token_features(model, docs, tokenizer, *, first_tokens: int = 100, batch_size: int = 16):
     """(features [N, L*R] router softmax per token, document index [N]) for the first
     `first_tokens` tokens of every document."""
-    probe = Probe(model, token_probs=True)
-    feats, owners = [], []
-    for batch in runtime.leading_tokens_batches(docs, tokenizer, first_tokens, batch_size):
-        probs_LBSR = probe(batch)["probs_LBSR"]
-        real_BS = batch["segment_ids"] != 0
-        probs_TLR = np.moveaxis(probs_LBSR[:, real_BS], 0, 1)
-        feats.append(probs_TLR.reshape(probs_TLR.shape[0], -1))
-        owners.append(batch["document_ids"][real_BS])
-    return np.concatenate(feats).astype(np.float64), np.concatenate(owners)
+    feats, owners = zip(*_leading_token_probs(model, docs, tokenizer, first_tokens, batch_size))
+    return np.concatenate(feats), np.concatenate(owners)
+
+
+def document_features(model, docs, tokenizer, *, max_tokens: int, batch_size: int = 8):
+    """(features [M, L*R], document index [M]): for every document with at least one token, the
+    mean router softmax over its first `max_tokens` tokens, all layers concatenated."""
+    m, e = model.config.model, model.config.moe
+    sums_NF = np.zeros((len(docs), m.num_layers * (e.num_experts - e.num_shared_experts)))
+    counts_N = np.zeros(len(docs))
+    for probs_TF, owners_T in _leading_token_probs(model, docs, tokenizer, max_tokens,
+                                                   batch_size):
+        ids_G, starts_G, counts_G = np.unique(owners_T, return_index=True, return_counts=True)
+        sums_NF[ids_G] += np.add.reduceat(probs_TF, starts_G, axis=0)
+        counts_N[ids_G] += counts_G
+    present_M = np.flatnonzero(counts_N)
+    return sums_NF[present_M] / counts_N[present_M, None], present_M
 
 
 def jaccard_matrix(mass, keep_routed: int) -> np.ndarray:
@@ -167,6 +202,31 @@ def nmi(labels_true, labels_pred) -> float:
     return float(normalized_mutual_info_score(labels_true, labels_pred))
 
 
+def domain_scores(domain_N, cluster_N, labelled_N, seed: int = 0) -> dict:
+    """Over the labelled points: purity and NMI of the clusters against the domains, the same of
+    randomly permuted cluster labels (`*_shuffled`, the chance level) and the largest domain's
+    share (`majority_share`, the purity of a single cluster); {} with fewer than two domains."""
+    truth, pred = domain_N[labelled_N], cluster_N[labelled_N]
+    if len(set(truth.tolist())) < 2:
+        return {}
+    chance = np.random.default_rng(seed).permutation(pred)
+    return {"purity": purity(truth, pred), "nmi": nmi(truth, pred),
+            "purity_shuffled": purity(truth, chance), "nmi_shuffled": nmi(truth, chance),
+            "majority_share": float(np.bincount(truth).max() / len(truth))}
+
+
+def cluster_points(features_NF, owners_N, labels, names, k: int, *, pca_dims: int = 50,
+                   seed: int = 0):
+    """Clusters points (tokens or documents; `owners_N` the document of each, `labels` the
+    domain of each document) by the module's pipeline. Returns (embedding [N, P], cluster [N],
+    domain [N] as an index into `names`, `domain_scores`)."""
+    emb_NP = embed_tokens(features_NF, pca_dims, seed)
+    cluster_N, _ = spherical_kmeans(emb_NP, k, seed=seed)
+    domain_N = np.asarray([names.index(labels[i]) for i in owners_N])
+    labelled_N = np.asarray([labels[i] != UNLABELLED for i in owners_N])
+    return emb_NP, cluster_N, domain_N, domain_scores(domain_N, cluster_N, labelled_N, seed)
+
+
 # ---------------------------------------------------------------------------- pictures
 
 
@@ -209,7 +269,10 @@ def plot_jaccard(path, jac, names, keep: int):
     plt.close(fig)
 
 
-def plot_clusters(path, emb_ND, domain_N, names, cluster_N, seed: int = 0):
+def plot_clusters(path, emb_ND, domain_N, names, cluster_N, seed: int = 0, *,
+                  what: str = "tokens", marker_size: float = 4):
+    """Two scatter plots of the first two embedding coordinates of (at most 5000 of) the
+    clustered `what` (tokens, documents): coloured by domain and by cluster."""
     plt = _pyplot()
     rng = np.random.default_rng(seed)
     shown = rng.permutation(len(emb_ND))[:5000]
@@ -218,11 +281,12 @@ def plot_clusters(path, emb_ND, domain_N, names, cluster_N, seed: int = 0):
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     for d, name in enumerate(names):
         sel = domain_N[shown] == d
-        axes[0].scatter(xy[sel, 0], xy[sel, 1], s=4, color=cmap(d % cmap.N), label=name)
-    axes[0].legend(markerscale=3, fontsize=7)
-    axes[0].set_title("tokens by domain")
-    axes[1].scatter(xy[:, 0], xy[:, 1], s=4, c=cluster_N[shown], cmap="tab20")
-    axes[1].set_title("tokens by cluster")
+        axes[0].scatter(xy[sel, 0], xy[sel, 1], s=marker_size, color=cmap(d % cmap.N),
+                        label=name)
+    axes[0].legend(markerscale=6 / marker_size ** 0.5, fontsize=7)  # legend markers: area 36
+    axes[0].set_title(f"{what} by domain")
+    axes[1].scatter(xy[:, 0], xy[:, 1], s=marker_size, c=cluster_N[shown], cmap="tab20")
+    axes[1].set_title(f"{what} by cluster")
     for ax in axes:
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
@@ -236,9 +300,11 @@ def plot_clusters(path, emb_ND, domain_N, names, cluster_N, seed: int = 0):
 
 def analyze(model, docs, out_dir: str, *, tokenizer=None, clusters: int = 32,
             keep: int | None = None, first_tokens: int = 100, pca_dims: int = 50,
+            doc_clusters: int | None = None, doc_tokens: int | None = None,
             seed: int = 0, batch_size: int = 8, source: str = "") -> dict:
     """Writes the analysis files of `docs` ({'text', 'domain'} dicts) into `out_dir`; returns
-    the summary that analysis.json holds."""
+    the summary that analysis.json holds. `doc_clusters` defaults to the number of domains,
+    `doc_tokens` to the model's `data.seq_len` (module docstring)."""
     config = model.config
     tokenizer = tokenizer or runtime.tokenizer_of(config)
     e = config.moe
@@ -261,36 +327,60 @@ def analyze(model, docs, out_dir: str, *, tokenizer=None, clusters: int = 32,
     jac = jaccard_matrix(mass, keep - e.num_shared_experts)
     plot_jaccard(os.path.join(out_dir, "jaccard.png"), jac, names, keep)
 
-    features, owners = token_features(model, docs, tokenizer, first_tokens=first_tokens)
-    emb = embed_tokens(features, pca_dims, seed)
-    cluster_N, _ = spherical_kmeans(emb, clusters, seed=seed)
     labels = domains_of(docs)
-    domain_N = np.asarray([names.index(labels[i]) for i in owners])
-    plot_clusters(os.path.join(out_dir, "clusters.png"), emb, domain_N, names, cluster_N, seed)
-    np.savez_compressed(os.path.join(out_dir, "tokens.npz"), cluster=cluster_N,
-                        domain=domain_N, document=owners, xy=emb[:, :2])
-    labelled = np.asarray([labels[i] != UNLABELLED for i in owners])
-    scores = {}
-    if labelled.any() and len({labels[i] for i in owners[labelled]}) > 1:
-        truth, pred = domain_N[labelled], cluster_N[labelled]
-        chance = np.random.default_rng(seed).permutation(pred)
-        scores = {"purity": purity(truth, pred), "nmi": nmi(truth, pred),
-                  "purity_shuffled": purity(truth, chance), "nmi_shuffled": nmi(truth, chance),
-                  "majority_share": float(np.bincount(truth).max() / len(truth))}
+    token_NF, token_doc_N = token_features(model, docs, tokenizer, first_tokens=first_tokens)
+    token_emb_NP, token_cluster_N, token_scores = _cluster_level(
+        out_dir, "tokens", token_NF, token_doc_N, labels, names, clusters, pca_dims, seed)
+    doc_tokens = doc_tokens or config.data.seq_len
+    doc_MF, doc_M = document_features(model, docs, tokenizer, max_tokens=doc_tokens,
+                                      batch_size=batch_size)
+    doc_emb_MP, doc_cluster_M, doc_scores = _cluster_level(
+        out_dir, "documents", doc_MF, doc_M, labels, names, doc_clusters or len(names),
+        pca_dims, seed)
 
     summary = {
         "source": source, "documents": len(docs), "domains": names,
         "tokens_per_domain": tokens.tolist(), "keep": keep, "routed_experts": routed,
         "top_k": e.top_k, "usage_share_DLR": share_DLR.tolist(), "jaccard": jac.tolist(),
-        "clusters": int(cluster_N.max() + 1), "cluster_tokens": int(len(cluster_N)),
-        "first_tokens": first_tokens, "pca_dims": int(emb.shape[1]),
-        "cluster_sizes": np.bincount(cluster_N).tolist(), **scores,
+        "clusters": int(token_cluster_N.max() + 1), "cluster_tokens": int(len(token_cluster_N)),
+        "first_tokens": first_tokens, "pca_dims": int(token_emb_NP.shape[1]),
+        "cluster_sizes": np.bincount(token_cluster_N).tolist(), **token_scores,
+        "doc_clusters": int(doc_cluster_M.max() + 1), "cluster_documents": int(len(doc_M)),
+        "doc_tokens": doc_tokens, "doc_pca_dims": int(doc_emb_MP.shape[1]),
+        "doc_cluster_sizes": np.bincount(doc_cluster_M).tolist(),
+        **{f"doc_{k}": v for k, v in doc_scores.items()},
     }
     with open(os.path.join(out_dir, "analysis.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(_report(summary, pictures))
     return summary
+
+
+# Per clustering level: scatter picture and per-point file in the output directory, and the
+# scatter's marker size (documents are few).
+LEVEL_FILES = {"tokens": ("clusters.png", "tokens.npz", 4),
+               "documents": ("doc_clusters.png", "documents.npz", 20)}
+
+
+def _cluster_level(out_dir, level, features_NF, owners_N, labels, names, k, pca_dims, seed):
+    """Clusters one level's points (`cluster_points`) and writes its picture and per-point file
+    (`LEVEL_FILES`); returns (embedding [N, P], cluster [N], scores)."""
+    emb_NP, cluster_N, domain_N, scores = cluster_points(features_NF, owners_N, labels, names,
+                                                          k, pca_dims=pca_dims, seed=seed)
+    picture, points, marker_size = LEVEL_FILES[level]
+    plot_clusters(os.path.join(out_dir, picture), emb_NP, domain_N, names, cluster_N, seed,
+                  what=level, marker_size=marker_size)
+    np.savez_compressed(os.path.join(out_dir, points), cluster=cluster_N, domain=domain_N,
+                        document=owners_N, xy=emb_NP[:, :2])
+    return emb_NP, cluster_N, scores
+
+
+def _score_row(level: str, s: dict, prefix: str) -> str:
+    """One report table row of a level's clustering scores (keys `prefix` + score name)."""
+    return (f"| {level} | {s[prefix + 'purity']:.3f} | {s[prefix + 'nmi']:.3f} | "
+            f"{s[prefix + 'purity_shuffled']:.3f} | {s[prefix + 'nmi_shuffled']:.3f} | "
+            f"{s[prefix + 'majority_share']:.3f} |")
 
 
 def _report(s: dict, pictures: list[str]) -> str:
@@ -301,21 +391,30 @@ def _report(s: dict, pictures: list[str]) -> str:
              "| domain | tokens |", "|---|---|"]
     lines += [f"| {n} | {int(t)} |" for n, t in zip(names, s["tokens_per_domain"])]
     lines += ["", "## Router clustering", "",
-              f"{s['cluster_tokens']} tokens (the first {s['first_tokens']} of each document), "
-              f"all layers' router distributions concatenated, mean-centred, PCA to "
-              f"{s['pca_dims']} dimensions, L2-normalised, spherical k-means with "
-              f"k={s['clusters']}.", ""]
-    if "purity" in s:
-        lines += ["| | purity | NMI |", "|---|---|---|",
-                  f"| clusters vs domain | {s['purity']:.3f} | {s['nmi']:.3f} |",
-                  f"| shuffled clusters (chance) | {s['purity_shuffled']:.3f} | "
-                  f"{s['nmi_shuffled']:.3f} |", "",
-                  f"Purity of a single cluster (largest domain's share): "
-                  f"{s['majority_share']:.3f}. Topical routing (EMO) gives high purity/NMI; "
-                  "routing by surface patterns (a standard MoE) gives values near chance.", ""]
+              "Router distributions of all layers concatenated, mean-centred, reduced by PCA, "
+              "L2-normalised and clustered by spherical k-means, at two levels:", "",
+              f"- tokens: {s['cluster_tokens']} tokens (the first {s['first_tokens']} of each "
+              f"document), PCA to {s['pca_dims']} dimensions, k={s['clusters']};",
+              f"- documents: {s['cluster_documents']} documents, each its tokens' mean "
+              f"distribution (over its first {s['doc_tokens']} tokens), PCA to "
+              f"{s['doc_pca_dims']} dimensions, k={s['doc_clusters']}.", "",
+              "The token level asks whether single tokens are routed by topic; the document "
+              "level asks whether a document's average routing identifies its topic, which it "
+              "can even where single tokens are routed by surface form (a space, a digit, a "
+              "bracket).", ""]
+    rows = [_score_row(level, s, prefix) for level, prefix in
+            (("tokens", ""), ("documents", "doc_")) if prefix + "purity" in s]
+    if rows:
+        lines += ["| level | purity | NMI | purity, shuffled clusters (chance) | "
+                  "NMI, shuffled clusters | purity of one cluster |", "|---|---|---|---|---|---|",
+                  *rows, "",
+                  "The purity of one cluster is the largest domain's share. Topical routing "
+                  "(EMO) gives high purity/NMI; routing by surface patterns (a standard MoE) "
+                  "gives values near chance.", ""]
     else:
         lines += ["No domain labels (or a single domain): purity and NMI not computed.", ""]
     lines += ["![token clusters](clusters.png)", "",
+              "![document clusters](doc_clusters.png)", "",
               "## Overlap of per-domain subsets", "",
               f"Jaccard overlap of the {s['keep']}-expert subsets each domain selects (one-pass "
               "router mass, routed experts, mean over layers).", "",
