@@ -58,7 +58,7 @@ def main():
     p.add_argument("--d_model", type=int, default=128)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--top_k", type=int, default=4)
-    p.add_argument("--block_size", type=int, default=64)
+    p.add_argument("--block_size", type=int, default=default_config().moe.block_size)
     p.add_argument("--impl", default="auto")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
