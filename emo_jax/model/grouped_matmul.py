@@ -73,27 +73,21 @@ def grouped_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, *, imp
 
 def _blocked_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, block_size):
     a, d = x_AD.shape
-    r = group_sizes_R.shape[0]
     bk = int(max(1, min(block_size, a)))
-    # Static worst case: every non-empty group wastes at most one partial block.
-    nb = -(-a // bk) + min(r, a)
+    schedule = block_schedule(group_sizes_R, a, bk)
+    nb = schedule.expert_N.shape[0]
     sorted_unique = dict(indices_are_sorted=True, unique_indices=True)
 
-    group_end_R = jnp.cumsum(group_sizes_R)
-    group_start_R = group_end_R - group_sizes_R
-    blocks_R = (group_sizes_R + bk - 1) // bk
-    block_end_R = jnp.cumsum(blocks_R)
-    block_start_R = block_end_R - blocks_R
-
+    # Row a goes to its block's slot: block starts increase strictly, spare blocks included.
     row_A = jnp.arange(a, dtype=jnp.int32)
-    group_A = jnp.minimum(jnp.searchsorted(group_end_R, row_A, side="right"), r - 1)
-    dest_A = block_start_R[group_A] * bk + row_A - group_start_R[group_A]
-    dest_A = jnp.where(row_A < group_end_R[-1], dest_A, nb * bk)  # unused rows go nowhere
+    block_A = jnp.searchsorted(schedule.start_N, row_A, side="right") - 1
+    dest_A = block_A * bk + row_A - schedule.start_N[block_A]
+    dest_A = jnp.where(row_A < jnp.sum(group_sizes_R), dest_A, nb * bk)  # unused rows go nowhere
     x_NBD = jnp.zeros((nb * bk, d), x_AD.dtype).at[dest_A].set(x_AD, mode="drop", **sorted_unique)
     x_NBD = x_NBD.reshape(nb, bk, d)
 
     # Spare blocks past the last used one take the last expert's weights and zero rows.
-    group_N = jnp.minimum(jnp.searchsorted(block_end_R, jnp.arange(nb), side="right"), r - 1)
+    group_N = schedule.expert_N
 
     def take(w):
         return jnp.take(w, group_N, axis=0, indices_are_sorted=True, mode="clip")
@@ -118,6 +112,8 @@ class BlockSchedule(NamedTuple):
 
 
 def block_schedule(group_sizes_R, a: int, bk: int) -> BlockSchedule:
+    """The blocks of `a` sorted rows in groups of `group_sizes_R`, static worst-case count:
+    every non-empty group wastes at most one partial block, so ceil(a / bk) + min(R, a)."""
     r = group_sizes_R.shape[0]
     nb = -(-a // bk) + min(r, a)
     group_end_R = jnp.cumsum(group_sizes_R)
