@@ -36,12 +36,16 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
         "hf": ["tokenizers>=0.15"],
+        # libtpu for `emo-plan --topology=...` (TPU compile on any host): jax's own tpu extra
+        # pins the libtpu that matches the installed jax (jax 0.10.2 -> libtpu 0.0.42.*).
+        "tpu": ["jax[tpu]>=0.8,<0.13"],
     },
     entry_points={
         "console_scripts": [
             "emo-train=emo_jax.train.__main__:run",
             "emo-eval=emo_jax.eval:run",
             "emo-summary=emo_jax.summary:run",
+            "emo-plan=emo_jax.plan:run",
             "emo-select=emo_jax.select:run",
             "emo-extract=emo_jax.extract:run",
             "emo-analyze=emo_jax.analyze:run",

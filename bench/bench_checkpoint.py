@@ -21,6 +21,11 @@ import numpy as np
 
 from bench.bench_train_step import compiled_step, load_config
 from bench.common import write_results
+from emo_jax.config import validate
+from emo_jax.model.model_config import ModelConfig
+from emo_jax.model.summary import summarize
+from emo_jax.modular.extract import extracted_config
+from emo_jax.train.checkpoint import Checkpointer
 
 
 def dir_bytes(path: str) -> int:
@@ -44,11 +49,6 @@ def main():
     p.add_argument("--config", default="configs/small.py")
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args()
-
-    from emo_jax.config import validate
-    from emo_jax.model.summary import summarize
-    from emo_jax.modular.extract import extracted_config
-    from emo_jax.train.checkpoint import Checkpointer
 
     config = validate(load_config(args.config))
     train_step, state, batch = compiled_step(config)
@@ -76,7 +76,7 @@ def main():
     for label, keep in (("full", e.num_experts), ("25%", round(0.25 * e.num_experts)),
                         ("12.5%", round(0.125 * e.num_experts))):
         cfg = config if keep == e.num_experts else extracted_config(config, keep)
-        s = summarize(cfg)
+        s = summarize(ModelConfig.from_config(cfg), cfg.data.seq_len)
         memory.append({"model": label, "experts": keep, "params": s["total_params"],
                        "param_mb": s["param_bytes_float32"] / 2 ** 20,
                        "adam_state_mb": s["adam_state_bytes_float32"] / 2 ** 20})

@@ -45,6 +45,7 @@ from emo_jax import parallel  # noqa: E402
 from emo_jax.config import default_config, validate  # noqa: E402
 from emo_jax.data.pipeline import make_train_iterator  # noqa: E402
 from emo_jax.model.transformer import Transformer  # noqa: E402
+from emo_jax.model.model_config import ModelConfig
 from emo_jax.train.loss import loss_and_metrics  # noqa: E402
 
 FACTORS = (1.0, 1.25, 2.0)
@@ -65,8 +66,8 @@ def bench_config(pool="document", mesh=(1, 1, 8), factor=1.25, dtype="float32"):
 
 
 def init_state(config):
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
-    state = jax.jit(lambda: nnx.state(Transformer(config, rngs=nnx.Rngs(0))))()
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0))))
+    state = jax.jit(lambda: nnx.state(Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0))))()
     return graphdef, state
 
 
@@ -199,7 +200,7 @@ def capacity_drops(state, batches, pool, factor):
     config = bench_config(pool=pool, factor=factor)
     mesh = parallel.make_mesh(config)
     # The capacity factor is static in the modules: a graphdef per factor.
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0))))
     dropped = routed = 0.0
     with jax.set_mesh(mesh):
         placed = jax.device_put(state, parallel.state_shardings(state, mesh, config))
@@ -217,9 +218,9 @@ def zero_drop_factor(graphdef, state, batches, config, devices=8):
     (device, expert) buffer over the fair share T_local * K / E, over the batches."""
     @jax.jit
     def counts(state, batch, key):
-        _, stats = nnx.merge(graphdef, state)(batch["tokens"], batch["segment_ids"],
-                                              batch["positions"], pool_key=key)
-        return stats["counts"]  # [L, B, R]
+        out = nnx.merge(graphdef, state)(batch["tokens"], batch["segment_ids"],
+                                         batch["positions"], pool_key=key)
+        return out.routing.counts_BR  # [L, B, R]
 
     worst = 0.0
     for j, batch in enumerate(batches):  # same pools as the capacity runs (same keys)

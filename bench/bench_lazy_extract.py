@@ -29,17 +29,24 @@ import subprocess
 import sys
 import time
 
+import jax
+import ml_dtypes
 import numpy as np
+from flax import nnx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench.common import write_results  # noqa: E402
+from configs.emo_1b14b import get_config  # noqa: E402
+from emo_jax.model.model_config import ModelConfig  # noqa: E402
+from emo_jax.model.transformer import Transformer  # noqa: E402
+from emo_jax.modular import lazy, subset as subset_lib  # noqa: E402
 
 BASELINE = """
 import json
 from emo_jax.modular import extract, lazy, runtime, subset
-from emo_jax.train import checkpoint
+from emo_jax import model_files
 import jax; jax.devices()
 print(json.dumps({"peak": lazy.peak_rss_bytes()}))
 """
@@ -49,8 +56,6 @@ def random_bf16(rng, shape):
     """Random bfloat16 weights: random sign, mantissa and 2 low exponent bits, the exponent's
     high bits fixed: |w| in [2^-7, 2^-3) (about 10 random bits of 16, like trained weights'
     entropy, so zstd compresses them about as much)."""
-    import ml_dtypes
-
     count = int(np.prod(shape))
     bits = np.frombuffer(rng.bytes(2 * count), np.uint16).copy()
     bits &= 0x81FF  # sign, 2 low exponent bits, mantissa
@@ -60,18 +65,10 @@ def random_bf16(rng, shape):
 
 def write_checkpoint(path: str, layers: int, seed: int = 0):
     """The emo_1b14b-shaped model directory with random bfloat16 weights, streamed."""
-    import jax
-    import ml_dtypes
-    from flax import nnx
-
-    from configs.emo_1b14b import get_config
-    from emo_jax.model.transformer import Transformer
-    from emo_jax.modular import lazy
-
     config = get_config()
     config.model.num_layers = layers
     abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
-        lambda: Transformer(config, rngs=nnx.Rngs(0)))))
+        lambda: Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0)))))
     shapes = {"/".join(str(k.key) for k in path): tuple(leaf.shape)
               for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     rng = np.random.default_rng(seed)
@@ -94,8 +91,6 @@ def write_checkpoint(path: str, layers: int, seed: int = 0):
 
 
 def random_subset(config, keep: int, seed: int):
-    from emo_jax.modular import subset as subset_lib
-
     routed = config.moe.num_experts - config.moe.num_shared_experts
     rng = np.random.default_rng(seed)
     layers = [sorted(rng.choice(routed, keep - config.moe.num_shared_experts,
@@ -124,7 +119,6 @@ def main():
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
     args = parser.parse_args()
-    from emo_jax.modular import subset as subset_lib
 
     os.makedirs(args.workdir, exist_ok=True)
     free = shutil.disk_usage(args.workdir).free

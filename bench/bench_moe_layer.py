@@ -19,6 +19,7 @@ from flax import nnx
 
 from bench.common import time_compiled, write_results
 from emo_jax.config import default_config
+from emo_jax.model.model_config import ModelConfig
 from emo_jax.model.moe import MoE
 
 
@@ -35,15 +36,15 @@ def dense_swiglu_layer(d, hidden, key):
 
 
 def moe_fwd_bwd(config, x, seg, pool, key):
-    layer = MoE(config.model, config.moe, rngs=nnx.Rngs(0))
+    layer = MoE(ModelConfig.from_config(config), rngs=nnx.Rngs(0))
     pool_size = (jax.random.randint(key, seg.shape, config.moe.pool_min, config.moe.pool_max + 1)
                  if pool == "document" else None)
 
     @nnx.jit
     def step(layer, x):
         def loss(layer, x):
-            y, stats = layer(x, seg, pool_size)
-            return jnp.sum(y), stats["rows_processed"]
+            y, stats, _ = layer(x, seg, pool_size)
+            return jnp.sum(y), stats.rows_processed
         (_, rows), grads = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(layer, x)
         return grads, rows
 

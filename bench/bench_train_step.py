@@ -24,6 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import time_compiled, write_results
+from emo_jax import parallel
+from emo_jax.config import validate
+from emo_jax.model.model_config import ModelConfig
+from emo_jax.model.summary import summarize
+from emo_jax.train import step as step_lib
+from emo_jax.train.metrics import peak_tflops
 
 
 def load_config(path: str):
@@ -57,9 +63,6 @@ def packed_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
 
 def compiled_step(config):
     """(train_step, state, batch): the real train step, compiled and run once, on packed docs."""
-    from emo_jax import parallel
-    from emo_jax.train import step as step_lib
-
     mesh = parallel.make_mesh(config)
     graphdef, state, shardings = step_lib.init_state(config, mesh)
     train_step = step_lib.make_train_step(config, graphdef, shardings, mesh)
@@ -95,10 +98,6 @@ def main():
     p.add_argument("--no_standard", action="store_true", help="skip the standard-MoE twin")
     args = p.parse_args()
 
-    from emo_jax.config import validate
-    from emo_jax.model.summary import summarize
-    from emo_jax.train.metrics import peak_tflops
-
     rows = []
     for path in args.config:
         config = load_config(path)
@@ -113,7 +112,7 @@ def main():
         dtype = jnp.dtype(config.model.compute_dtype)
         n = args.matmul_n or (8192 if jax.default_backend() == "gpu" else 2048)
         yardstick = matmul_peak_tflops(dtype, n)
-        figures = summarize(config)
+        figures = summarize(ModelConfig.from_config(config), config.data.seq_len)
         tokens = config.data.batch_size * config.data.seq_len
         seconds = {}
         for pool in ("document",) if args.no_standard else ("document", "none"):

@@ -1,5 +1,5 @@
 """The paper's headline in miniature: EMO keeps its quality with 25% / 12.5% of the experts, a
-standard MoE does not (EMO_METHOD.md §5-6).
+standard MoE does not (docs/METHOD.md §8; measured results: docs/RESULTS.md §1).
 
     python bench/replicate.py --out=runs/replicate [--config=configs/small.py] [--steps=1000] \\
         [--train_data=corpus.jsonl.gz --eval_data=heldout.jsonl.gz] [--select_docs=1] \\
@@ -30,6 +30,13 @@ import time
 
 import numpy as np
 
+from emo_jax.data import read_documents
+from emo_jax.eval import evaluate
+from emo_jax.modular import runtime
+from emo_jax.modular.analysis import analyze
+from emo_jax.modular.extract import extract
+from emo_jax.modular.select import select
+
 VARIANTS = {"emo": "document", "standard": "none"}
 
 
@@ -58,11 +65,6 @@ def fraction_to_keep(fraction: float, config) -> int:
 
 
 def measure(variant, workdir, args, train_by, eval_by, domains):
-    from emo_jax.eval import evaluate
-    from emo_jax.modular import runtime
-    from emo_jax.modular.extract import extract
-    from emo_jax.modular.select import select
-
     model, config, _ = runtime.load_model(workdir)
     tokenizer = runtime.tokenizer_of(config)
     rng = np.random.default_rng(args.seed)
@@ -77,7 +79,7 @@ def measure(variant, workdir, args, train_by, eval_by, domains):
         for fraction in args.fractions:
             keep = fraction_to_keep(fraction, config)
             subset = select(model, batches, keep, "layerwise", data={"documents": len(calib)})
-            small, small_config, report = extract(model, subset)
+            small, small_config, report = extract(model, config, subset)
             chosen = evaluate(small, small_config, eval_docs)["loss"]
             random_subset = select(model, [], keep, "random", seed=args.seed)
             rand = evaluate(model, config, eval_docs, expert_mask_LR=random_subset.mask())["loss"]
@@ -93,9 +95,6 @@ def measure(variant, workdir, args, train_by, eval_by, domains):
 def analyse(variant, workdir, args, eval_by, domains):
     """The analyze report of one model (heat maps, subset overlap, router clusters of tokens and
     of documents)."""
-    from emo_jax.modular import runtime
-    from emo_jax.modular.analysis import analyze
-
     model, _, _ = runtime.load_model(workdir)
     docs = [d for dom in domains for d in eval_by[dom][:args.max_eval_docs]]
     return analyze(model, docs, os.path.join(args.out, f"analysis_{variant}"),
@@ -139,6 +138,7 @@ def write_markdown(path, rows, table, fractions, args, seconds):
 
 
 def plot(path, table, fractions):
+    # Deferred: matplotlib is heavy to import, and its backend must be chosen before pyplot.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,8 +186,6 @@ def main():
                          *args.override]
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
-
-    from emo_jax.data import read_documents
 
     train_by = by_domain(read_documents(args.train_data or "bundled:train"))
     eval_by = by_domain(read_documents(args.eval_data or "bundled:eval"))

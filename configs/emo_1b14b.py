@@ -1,4 +1,4 @@
-"""The reference EMO recipe (EMO_METHOD.md §3): about 14B parameters, about 1B active.
+"""The reference EMO recipe (docs/METHOD.md §5): about 14B parameters, about 1B active.
 
     python -m emo_jax.train --config=configs/emo_1b14b.py --workdir=/shared/emo_1b14b \\
         --config.data.train_sources=PATH_OR_SPEC \\

@@ -1,4 +1,5 @@
-"""A bigger CPU config: the tiny-scale setup of EMO_METHOD.md §6 (about 20 minutes on 2 cores).
+"""A bigger CPU config: the small-scale replication setup (docs/RESULTS.md §1; about 20 minutes
+on 2 cores).
 
     python -m emo_jax.train --config=configs/small.py --workdir=/tmp/emo_small
 

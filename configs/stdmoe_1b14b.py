@@ -1,6 +1,6 @@
 """The standard-MoE baseline of the reference recipe: `configs/emo_1b14b.py` with the document
 pool switched off (`moe.pool='none'`: every token routes over all 127 routed experts). Every
-other key is identical, so the two runs are comparable (EMO_METHOD.md §1.5).
+other key is identical, so the two runs are comparable (docs/METHOD.md §3.5).
 
     python -m emo_jax.train --config=configs/stdmoe_1b14b.py --workdir=/shared/stdmoe_1b14b \\
         --config.data.train_sources=PATH_OR_SPEC \\

@@ -8,7 +8,9 @@ Writes per-layer domain x expert usage heat maps, the Jaccard overlap of the sub
 domain would select, the clustering of router distributions per token and per document (each
 document's mean over its tokens) with purity and NMI against the documents' `domain` labels,
 analysis.json and a report.md embedding the pictures (emo_jax/modular/analysis.py says exactly
-what each is).
+what each is). An existing non-empty --out directory is refused (one line, exit status 2)
+unless --overwrite is given; the results are written into a hidden sibling directory that
+replaces --out only when complete, so a failed or interrupted run leaves the old one.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ import os
 
 from absl import app, flags
 
-from emo_jax.cli import fail, parse_flags, quiet_logging
+from emo_jax.cli import (directory_written_atomically, fail, parse_flags, quiet_logging,
+                         refuse_existing_output)
+from emo_jax.config import ConfigError
+from emo_jax.model_files import CheckpointError
+from emo_jax.modular import analysis, runtime
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints/<step> "
                                   "directory or model directory.")
@@ -37,13 +43,11 @@ _DOC_TOKENS = flags.DEFINE_integer("doc_tokens", None, "Tokens from the start of
                                    "model's data.seq_len).")
 _MAX_DOCS = flags.DEFINE_integer("max_docs", None, "Analyse at most this many documents.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the clustering.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --out "
+                               "directory (without it, one is refused).")
 
 
 def main(argv):
-    from emo_jax.config import ConfigError
-    from emo_jax.modular import analysis, runtime
-    from emo_jax.train.checkpoint import CheckpointError
-
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     quiet_logging()
@@ -52,14 +56,16 @@ def main(argv):
                              ("doc_tokens", _DOC_TOKENS.value, 1)):
         if value is not None and value < low:
             fail(f"--{name}={value}: it must be >= {low}")
+    refuse_existing_output(_OUT.value, overwrite=_OVERWRITE.value, directory=True)
     try:
         model, config, _ = runtime.load_model(_CHECKPOINT.value)
         docs, _ = runtime.read_texts(config, data=_DATA.value, max_docs=_MAX_DOCS.value)
-        summary = analysis.analyze(model, docs, _OUT.value, clusters=_CLUSTERS.value,
-                                   keep=_KEEP.value, first_tokens=_FIRST.value,
-                                   pca_dims=_PCA.value, doc_clusters=_DOC_CLUSTERS.value,
-                                   doc_tokens=_DOC_TOKENS.value, seed=_SEED.value,
-                                   source=_DATA.value)
+        with directory_written_atomically(_OUT.value) as work:
+            summary = analysis.analyze(model, config, docs, work, clusters=_CLUSTERS.value,
+                                       keep=_KEEP.value, first_tokens=_FIRST.value,
+                                       pca_dims=_PCA.value, doc_clusters=_DOC_CLUSTERS.value,
+                                       doc_tokens=_DOC_TOKENS.value, seed=_SEED.value,
+                                       source=_DATA.value)
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))
     print(f"{summary['documents']} documents, {len(summary['domains'])} domains; "

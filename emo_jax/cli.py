@@ -1,15 +1,21 @@
 """Helpers shared by the command-line entry points (`python -m emo_jax.<verb>`): absl flag
 parsing that turns user mistakes into one line, multi-process initialisation, quiet logging.
 
-Nothing here parses a flag of its own or imports jax at import time.
+Nothing here parses a flag of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
+import tempfile
 
 from absl import flags, logging
+
+from emo_jax import parallel
+from emo_jax.config import default_config
 
 
 def fail(message: str, status: int = 2):
@@ -20,8 +26,6 @@ def fail(message: str, status: int = 2):
 
 def _unknown_key_message(argv) -> str | None:
     """Names the first --config.KEY override that the config schema does not have."""
-    from emo_jax.config import default_config
-
     known = default_config()
     for arg in argv[1:]:
         if not arg.startswith("--config."):
@@ -72,8 +76,6 @@ def _config_code_error(text: str) -> str:
 def initialize_distributed():
     """Multi-process JAX when the environment describes a job (SLURM, a TPU pod, or
     JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID as launch/ scripts set)."""
-    from emo_jax import parallel
-
     parallel.initialize_distributed()
 
 
@@ -81,3 +83,69 @@ def quiet_logging():
     """WARNING and above unless --verbosity/-v was given (Orbax logs every file at INFO)."""
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+
+
+def refuse_existing_output(path: str, flag: str = "--out", *, overwrite: bool = False,
+                           directory: bool = False):
+    """One line (exit status 2) unless `path` may be written: it does not exist, or (`directory`)
+    is an empty folder, or `overwrite` (the --overwrite flag) is set and it is of the right kind.
+    """
+    if not os.path.lexists(path):
+        return
+    if directory and not os.path.isdir(path):
+        fail(f"{flag}={path} is a file; give a directory (new, or one to replace with "
+             "--overwrite)")
+    if not directory and os.path.isdir(path):
+        fail(f"{flag}={path} is a directory; give a file name")
+    if directory and not os.listdir(path):
+        return
+    if not overwrite:
+        fail(f"{flag}={path} exists; pass --overwrite to replace it, or choose another "
+             f"{'directory' if directory else 'file'}")
+
+
+def write_text_atomically(path: str, text: str):
+    """Writes `path` through a temporary sibling renamed into place: an interrupted or failed
+    write leaves the old file (or none), never half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def directory_written_atomically(path: str):
+    """Yields a hidden temporary sibling of `path` to write into; on success it replaces `path`
+    (an old one is removed only after the new one is in place); on failure it is removed."""
+    final = os.path.abspath(path)
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.writing-", dir=parent)
+    try:
+        yield work
+        old = None
+        if os.path.isdir(final) and os.listdir(final):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
+            os.replace(final, os.path.join(old, "previous"))
+        elif os.path.isdir(final):
+            os.rmdir(final)
+        try:
+            os.replace(work, final)
+        except BaseException:
+            if old is not None:  # put the old one back
+                os.replace(os.path.join(old, "previous"), final)
+                os.rmdir(old)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise

@@ -19,6 +19,9 @@ import os
 from absl import app, flags
 
 from emo_jax.cli import fail, parse_flags, quiet_logging
+from emo_jax.config import ConfigError
+from emo_jax.model_files import CheckpointError
+from emo_jax.modular import subset as subset_lib, transplant
 
 _BASE = flags.DEFINE_string("base", None, "Base checkpoint: training workdir, "
                             "checkpoints/<step> directory or model directory.")
@@ -38,10 +41,6 @@ def parse_take(value: str) -> tuple[str, str]:
 
 
 def main(argv):
-    from emo_jax.config import ConfigError
-    from emo_jax.modular import subset as subset_lib, transplant
-    from emo_jax.train.checkpoint import CheckpointError
-
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     quiet_logging()

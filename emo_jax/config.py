@@ -19,6 +19,13 @@ class ConfigError(ValueError):
     """A config key has an invalid value; the message names the key and what is valid."""
 
 
+# Config keys that decide the shapes of the parameters (a checkpoint or subset of a model with
+# other values is refused, naming them).
+SHAPE_KEYS = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
+              "model.num_kv_heads", "model.head_dim", "model.qk_norm", "moe.num_experts",
+              "moe.num_shared_experts", "moe.expert_hidden")
+
+
 def default_config() -> ml_collections.ConfigDict:
     """The defaults: a tiny byte-level EMO model that trains on a CPU."""
     c = ml_collections.ConfigDict()
@@ -36,6 +43,13 @@ def default_config() -> ml_collections.ConfigDict:
     m.init_std = 0.02  # std of the normal initialiser of every weight matrix
     m.compute_dtype = "float32"  # matmul dtype: 'float32' | 'bfloat16' (params stay float32)
     m.remat = "none"  # activation rematerialisation per block: 'none' | 'full' | 'dots'
+    # Attention kernel (emo_jax/model/attention.py): 'auto' (splash on TPU, chunked on GPU;
+    # on CPU dense up to 1024 positions, chunked beyond), 'dense' ([B,H,S,S] float32 scores),
+    # 'chunked' (XLA flash attention, O(S * attention_chunk) memory), 'cudnn' (cuDNN flash
+    # attention with packed segments, bf16 on NVIDIA GPUs), 'splash' (Pallas, TPU).
+    m.attention = "auto"
+    m.attention_chunk = 512  # query and key chunk length of 'chunked' attention
+    m.loss_chunk = 0  # tokens per chunk of the fused output head + cross-entropy (0 = dense logits)
 
     c.moe = e = ml_collections.ConfigDict()
     e.num_experts = 32  # experts per layer, shared ones included (R = num_experts - shared)
@@ -58,6 +72,9 @@ def default_config() -> ml_collections.ConfigDict:
     # block_size), 'looped' (a loop over the used blocks, plain matmuls: fastest on CPU).
     e.grouped_matmul = "auto"
     e.block_size = 128  # rows per block of the 'blocked' and 'looped' grouped matmuls
+    # 'blocked' runs its blocks in rematerialised chunks of at most this many (0 = all at once),
+    # bounding the per-block weight copies to blocked_chunk_blocks x D x F per weight.
+    e.blocked_chunk_blocks = 16
     # Expert-parallel dispatch when mesh.expert > 1: 'auto' (ragged where the backend has
     # ragged_all_to_all, else capacity), 'capacity' (all_to_all on capacity buffers, may drop),
     # 'ragged' (dropless ragged_all_to_all).
@@ -136,6 +153,7 @@ def default_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
+    "model.attention": ("auto", "dense", "chunked", "cudnn", "splash"),
     "moe.pool": ("document", "none"),
     "moe.balance_scope": ("global", "micro_batch", "local", "sequence"),
     "moe.grouped_matmul": ("auto", "ragged_dot", "blocked", "looped"),
@@ -154,6 +172,13 @@ _POSITIVE = (
     "train.eval_batches", "train.max_bad_steps", "train.adam_eps", "checkpoint.every",
     "checkpoint.keep",
 )
+
+# Integer keys: key -> (smallest valid value, what the valid values mean).
+_INTEGERS = {
+    "model.attention_chunk": (1, "an integer >= 1 (positions per chunk)"),
+    "model.loss_chunk": (0, "an integer >= 0 (tokens per chunk; 0 = dense logits)"),
+    "moe.blocked_chunk_blocks": (0, "an integer >= 0 (blocks per chunk; 0 = all at once)"),
+}
 
 _NON_NEGATIVE = (
     "model.init_std", "moe.num_shared_experts", "moe.eval_pool", "moe.balance_weight",
@@ -198,6 +223,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         value = _get(config, key)
         _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
                  f"config key '{key}' is {value!r}; it must be a number >= 0")
+    for key, (low, valid) in _INTEGERS.items():
+        value = _get(config, key)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                 f"config key '{key}' is {value!r}; it must be {valid}")
 
     m, e = config.model, config.moe
     _require(m.num_heads % m.num_kv_heads == 0,

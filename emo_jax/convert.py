@@ -25,10 +25,12 @@ from __future__ import annotations
 from absl import app, flags
 
 from emo_jax.cli import fail, parse_flags, quiet_logging
+from emo_jax.config import ConfigError
 from emo_jax.interop import hf as hf_lib
 from emo_jax.interop import safetensors_io
 from emo_jax.interop.conversion import export_hf, import_hf
 from emo_jax.interop.hf import InteropError
+from emo_jax.model_files import CheckpointError
 
 _FROM_HF = flags.DEFINE_string("from_hf", None, "Hugging Face model folder to import.")
 _OUT = flags.DEFINE_string("out", None, "emo_jax model directory to write (with --from_hf).")
@@ -49,9 +51,6 @@ _MAX_SHARD = flags.DEFINE_string(
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    from emo_jax.config import ConfigError
-    from emo_jax.train.checkpoint import CheckpointError
-
     quiet_logging()
     importing = _FROM_HF.value is not None or _OUT.value is not None
     exporting = _CHECKPOINT.value is not None or _TO_HF.value is not None

@@ -25,6 +25,9 @@ import os
 from absl import app, flags
 
 from emo_jax.cli import fail, parse_flags, quiet_logging
+from emo_jax.config import ConfigError
+from emo_jax.model_files import CheckpointError, save_model
+from emo_jax.modular import extract, lazy, runtime, subset as subset_lib
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints/<step> "
                                   "directory or model directory.")
@@ -39,10 +42,6 @@ def _gib(n: int) -> str:
 
 
 def main(argv):
-    from emo_jax.config import ConfigError
-    from emo_jax.modular import extract, lazy, runtime, subset as subset_lib
-    from emo_jax.train.checkpoint import CheckpointError, save_model
-
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     quiet_logging()
@@ -53,7 +52,7 @@ def main(argv):
         if _EAGER.value:
             model, config, metadata = runtime.load_model(_CHECKPOINT.value)
             subset.check_model(config, model, where=f"subset file '{_SUBSET.value}'")
-            small, small_config, report = extract.extract(model, subset)
+            small, small_config, report = extract.extract(model, config, subset)
             path = save_model(_OUT.value, small, small_config, metadata={
                 "step": metadata.get("step"),
                 "extracted_from": os.path.abspath(_CHECKPOINT.value),

@@ -21,6 +21,10 @@ import sys
 from absl import app, flags
 
 from emo_jax.cli import fail, parse_flags, quiet_logging
+from emo_jax.config import ConfigError
+from emo_jax.model.decode import generate
+from emo_jax.model_files import CheckpointError
+from emo_jax.modular import extract, request_log, runtime, select, subset as subset_lib
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints/<step> "
                                   "directory or model directory.")
@@ -40,11 +44,6 @@ _REQUEST_LOG = flags.DEFINE_string("request_log", None, "Append which experts of
 
 
 def main(argv):
-    from emo_jax.config import ConfigError
-    from emo_jax.model.decode import generate
-    from emo_jax.modular import extract, request_log, runtime, select, subset as subset_lib
-    from emo_jax.train.checkpoint import CheckpointError
-
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     quiet_logging()
@@ -68,7 +67,7 @@ def main(argv):
             subset = select.select(model, [runtime.prompt_batch(prompt)], _FROM_PROMPT.value,
                                    _METHOD.value, data={"text": _PROMPT.value[:200]})
         if subset is not None:
-            model, config, report = extract.extract(model, subset)
+            model, config, report = extract.extract(model, config, subset)
             print(f"experts: {subset.keep} of {report['num_experts_before']} per layer "
                   f"({subset.method}); {extract.format_report(report)}", file=sys.stderr)
         out, routing = generate(model, [prompt], max_new_tokens=_MAX_NEW.value,

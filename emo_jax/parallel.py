@@ -21,6 +21,8 @@ import os
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from absl import flags
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -131,16 +133,48 @@ def host_to_global(host_batch: dict, mesh) -> dict:
 def process_rows(mesh, global_rows: int) -> np.ndarray:
     """Indices of the global batch rows this process must feed to `host_to_global`, in order.
 
-    With `jax.make_mesh` over all devices they are one contiguous block per process.
+    With `jax.make_mesh` over all devices they are one contiguous block per process: the block
+    `host_rows(global_rows)`.
     """
     index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
     rows = {i for index in index_map.values() for i in range(*index[0].indices(global_rows))}
     return np.asarray(sorted(rows), np.int64)
 
 
+def host_rows(global_rows: int, process_index: int | None = None,
+              process_count: int | None = None) -> slice:
+    """Rows [p * B/P, (p+1) * B/P) of a global batch of B rows: what process p of P feeds.
+
+    One contiguous block per process, in process order (defaults: this process, of all of
+    them); the rows `process_rows` gives for a mesh made from jax.devices() in their order (the
+    training loop checks its mesh's rows are one such block). B must be divisible by P.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    per_process = global_rows // process_count
+    return slice(process_index * per_process, (process_index + 1) * per_process)
+
+
 def is_primary() -> bool:
     """True in the one process that writes logs, metrics and console output (process 0)."""
     return jax.process_index() == 0
+
+
+def use_distributed_barriers():
+    """Orbax's default barrier is a device collective (sync_global_devices). Run from its
+    background save thread, it can interleave with the training step's collectives in a
+    different order on different hosts: seen here as a hang of two CPU processes (gloo). The
+    JAX distributed client's barrier involves no device."""
+    name = "experimental_orbax_use_distributed_barrier"
+    if jax.process_count() > 1 and name in flags.FLAGS:
+        flags.FLAGS[name].value = True
+
+
+def barrier(name: str):
+    """A barrier of all processes (through the distributed client, no device involved)."""
+    if jax.process_count() > 1:
+        use_distributed_barriers()
+        ocp.multihost.sync_global_processes(name)
 
 
 # Variables by which launchers announce a multi-process job (jax reads them itself when

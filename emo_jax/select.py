@@ -4,6 +4,9 @@
         [--method=layerwise|global|easy_ep|random] [--max_docs=N] [--seed=S] --out=subset.json
     python -m emo_jax.select --compose a.json b.json [...] --out=ab.json
 
+An existing --out file is refused (one line, exit status 2) unless --overwrite is given; the file
+is written atomically (a temporary file renamed into place).
+
 K counts the shared experts (16 of 128 = 12.5%). The calibration text (a data spec: JSONL, a
 text file, a folder...; or one literal --text, e.g. a few-shot prompt) is run through the model
 and every layer keeps its K - S best routed experts (emo_jax/modular/select.py explains the
@@ -18,7 +21,10 @@ import os
 
 from absl import app, flags
 
-from emo_jax.cli import fail, parse_flags, quiet_logging
+from emo_jax.cli import fail, parse_flags, quiet_logging, refuse_existing_output
+from emo_jax.config import ConfigError
+from emo_jax.model_files import CheckpointError
+from emo_jax.modular import runtime, select, subset as subset_lib
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints/<step> "
                                   "directory or model directory.")
@@ -32,6 +38,8 @@ _MAX_DOCS = flags.DEFINE_integer("max_docs", None, "Use at most this many docume
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of --method=random.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per calibration batch.")
 _OUT = flags.DEFINE_string("out", None, "Subset file to write (JSON).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out file (without "
+                               "it, an existing file is refused).")
 _COMPOSE = flags.DEFINE_bool("compose", False, "Compose the subset files given as arguments "
                              "(per-layer union) instead of selecting.")
 
@@ -44,8 +52,6 @@ def _summary(subset, out: str) -> str:
 
 
 def compose_files(paths: list[str], out: str) -> str:
-    from emo_jax.modular import subset as subset_lib
-
     if len(paths) < 2:
         fail("--compose needs at least two subset files, e.g. "
              "--compose a.json b.json --out=ab.json")
@@ -58,8 +64,6 @@ def compose_files(paths: list[str], out: str) -> str:
 
 
 def select_file(out: str) -> str:
-    from emo_jax.modular import runtime, select, subset as subset_lib
-
     if _KEEP.value is None:
         fail("--keep=K is required: the experts kept per layer, shared ones included")
     if _DATA.value is not None and _TEXT.value is not None:
@@ -81,9 +85,6 @@ def select_file(out: str) -> str:
 
 
 def main(argv):
-    from emo_jax.config import ConfigError
-    from emo_jax.train.checkpoint import CheckpointError
-
     quiet_logging()
     if not _OUT.value:
         fail("--out=FILE.json is required: where the subset is written")
@@ -91,6 +92,7 @@ def main(argv):
         fail(f"unexpected arguments: {' '.join(argv[1:])} (subset files go with --compose)")
     if not _COMPOSE.value and not _CHECKPOINT.value:
         fail("--checkpoint is required (or --compose a.json b.json)")
+    refuse_existing_output(_OUT.value, overwrite=_OVERWRITE.value)
     try:
         print(compose_files(argv[1:], _OUT.value) if _COMPOSE.value else select_file(_OUT.value))
     except (ConfigError, CheckpointError, FileNotFoundError) as err:

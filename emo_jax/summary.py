@@ -10,6 +10,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from emo_jax.config import ConfigError, validate
+from emo_jax.model.summary import summarize
+from emo_jax.model.model_config import ModelConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
@@ -17,13 +19,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
 
 def main(argv):
     del argv
-    from emo_jax.model.summary import summarize
-
     try:
         config = validate(_CONFIG.value)
     except ConfigError as err:
         raise app.UsageError(str(err))
-    for name, value in summarize(config).items():
+    for name, value in summarize(ModelConfig.from_config(config), config.data.seq_len).items():
         print(f"{name}={value}")
 
 

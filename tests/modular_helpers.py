@@ -1,6 +1,6 @@
 """Shared by the modular-tool tests: a tiny config and a float64 NumPy reference of the whole
 Transformer (attention, RoPE, RMSNorm, router softmax over the allowed experts, top-k, SwiGLU
-experts), written from EMO_METHOD.md and DESIGN.md, not from the JAX code."""
+experts), written from docs/METHOD.md, not from the JAX code."""
 
 import numpy as np
 from flax import nnx
@@ -23,8 +23,9 @@ def random_model(config, seed=0):
     """A Transformer with NumPy-drawn weights: built by abstract evaluation, so no per-shape
     random kernels are compiled (model init dominated the tests' time on 2 cores)."""
     from emo_jax.model.transformer import Transformer
+    from emo_jax.model.model_config import ModelConfig
 
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(seed)
     pure = nnx.to_pure_dict(state)
 
@@ -71,8 +72,7 @@ def _swiglu(x_SD, wg, wu, wd):
 def reference_forward(model, ids, mask_LR=None):
     """One document through the model in float64. Returns per layer: router probabilities
     [L, S, R] (softmax over the allowed experts), Easy-EP scores [L, R], and logits [S, V]."""
-    c = model.config
-    m, e = c.model, c.moe
+    m = e = model.config
     p = nnx.to_pure_dict(nnx.state(model))
     b = p["blocks"]
 

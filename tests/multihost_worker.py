@@ -55,6 +55,7 @@ def run_steps(mesh_shape, steps: int = 3):
 
     from emo_jax import parallel
     from emo_jax.model.transformer import Transformer
+    from emo_jax.model.model_config import ModelConfig
     from emo_jax.train.loss import loss_and_metrics
 
     config = tiny_config(mesh_shape)
@@ -62,7 +63,7 @@ def run_steps(mesh_shape, steps: int = 3):
     parallel.check_experts(config, mesh)
     parallel.check_batch(config, mesh)
     def create():
-        model = Transformer(config, rngs=nnx.Rngs(0))
+        model = Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0))
         return model, nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
 
     with jax.set_mesh(mesh):

@@ -1,5 +1,5 @@
 """Every shipped config loads, validates and documents the command that runs it; the reference
-recipe has the sizes of EMO_METHOD.md §3; the standard-MoE twin differs only in the pool."""
+recipe has the sizes of docs/METHOD.md §5; the standard-MoE twin differs only in the pool."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 
 from emo_jax.config import validate
 from emo_jax.model.summary import summarize
+from emo_jax.model.model_config import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -34,7 +35,7 @@ def test_config_validates_and_documents_its_command(path):
     config = validate(module.get_config())
     name = os.path.relpath(path, REPO)
     assert f"python -m emo_jax.train --config={name}" in module.__doc__
-    summary = summarize(config)
+    summary = summarize(ModelConfig.from_config(config), config.data.seq_len)
     assert 0 < summary["active_params"] < summary["total_params"]
 
 
@@ -49,7 +50,7 @@ def test_reference_recipe_sizes():
     assert (t.lr, t.b1, t.b2, t.weight_decay, t.clip_norm) == (4e-3, 0.9, 0.95, 0.1, 1.0)
     assert (t.warmup_steps, t.schedule, t.final_lr_fraction) == (2000, "cosine", 0.1)
     assert (d.batch_size, d.seq_len) == (1024, 4096)
-    s = summarize(c)
+    s = summarize(ModelConfig.from_config(c), c.data.seq_len)
     assert 13e9 < s["total_params"] < 15e9 and 0.9e9 < s["active_params"] < 1.2e9
 
 

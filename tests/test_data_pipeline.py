@@ -280,7 +280,7 @@ def test_document_filter_counts_exactly():
     assert len(list(it)) == 2
     assert data_stats(it) == {"documents": 2, "tokens": 45, "split_documents": 1,
                               "bad_invalid_json": 0, "bad_missing_text": 0, "bad_empty": 1,
-                              "bad_not_utf8": 1, "bad_records": 2}
+                              "bad_not_utf8": 1, "bad_corrupt_file": 0, "bad_records": 2}
 
 
 def test_source_without_documents_is_an_error(tmp_path):

@@ -4,6 +4,7 @@ import collections
 import gzip
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -99,6 +100,58 @@ def test_bad_record_reasons(tmp_path):
         read_documents(str(tmp_path / "bad.jsonl"))
     with pytest.raises(DataError, match=r"bad record \(invalid_json\) at .*bad.jsonl \(record 0"):
         read_documents(str(tmp_path / "bad.jsonl"), on_bad_record="error")
+
+
+def _truncated_gzip(path, n_lines=40, keep=0.6):
+    lines = [json.dumps({"text": f"document {i} " + "words " * (i % 5 + 2)}) for i in range(n_lines)]
+    data = gzip.compress(("\n".join(lines) + "\n").encode())
+    path.write_bytes(data[:int(len(data) * keep)])
+    return lines
+
+
+def test_truncated_or_non_gzip_file_is_one_bad_record_naming_the_place(tmp_path):
+    lines = _truncated_gzip(tmp_path / "cut.jsonl.gz")
+    source = open_source(str(tmp_path / "cut.jsonl.gz"))
+    docs = docs_of(source)
+    good, last = docs[:-1], docs[-1]
+    assert 0 < len(good) < len(lines) and all("bad" not in d for d in good)
+    assert [d["text"] for d in good] == [json.loads(x)["text"] for x in lines[:len(good)]]
+    assert last["bad"] == "corrupt_file"
+    assert f"cut.jsonl.gz (record {len(good)}, line {len(good) + 1}, byte offset" in last["where"]
+    assert "truncated" in last["where"]
+    assert docs_of(pickle.loads(pickle.dumps(source))) == docs  # Grain workers reopen it
+    assert len(read_documents(str(tmp_path / "cut.jsonl.gz"))) == len(good)  # skipped, counted
+    with pytest.raises(DataError, match=r"bad record \(corrupt_file\) at .*cut.jsonl.gz "
+                                        rf"\(record {len(good)}, line {len(good) + 1}"):
+        read_documents(str(tmp_path / "cut.jsonl.gz"), on_bad_record="error")
+
+    (tmp_path / "plain.jsonl.gz").write_text(lines[0] + "\n")
+    with pytest.raises(DataError, match=r"plain.jsonl.gz' holds no valid document .*corrupt_file "
+                                        r"at .*plain.jsonl.gz \(record 0, line 1.*not gzip data"):
+        read_documents(str(tmp_path / "plain.jsonl.gz"))
+    c = default_config()
+    c.data.train_sources = str(tmp_path / "plain.jsonl.gz")
+    with pytest.raises(DataError, match="plain.jsonl.gz' has no valid document.*not gzip data"):
+        make_train_iterator(c, process_index=0, process_count=1)
+
+
+def test_truncated_gzip_in_training_is_counted_every_epoch(tmp_path):
+    from emo_jax.data.packing import data_stats, latest_bad_record
+
+    _truncated_gzip(tmp_path / "cut.jsonl.gz", n_lines=12)
+    c = default_config()
+    c.data.train_sources, c.data.shuffle, c.data.seq_len = str(tmp_path / "cut.jsonl.gz"), False, 64
+    c.data.batch_size = 2
+    it = make_train_iterator(c, process_index=0, process_count=1)
+    for _ in range(20):
+        next(it)
+    stats = data_stats(it)
+    assert stats["bad_corrupt_file"] >= 2 and stats["bad_records"] == stats["bad_corrupt_file"]
+    assert "corrupt_file at" in latest_bad_record(it) and "cut.jsonl.gz" in latest_bad_record(it)
+    c.data.on_bad_record = "error"
+    with pytest.raises(DataError, match=r"corrupt_file\) at .*cut.jsonl.gz \(record \d+, line"):
+        for _ in make_train_iterator(c, process_index=0, process_count=1):
+            pass
 
 
 def test_missing_paths_name_the_path(tmp_path):

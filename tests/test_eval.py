@@ -14,7 +14,7 @@ import pytest
 import train_helpers as th
 from emo_jax.data.sources import read_documents
 from emo_jax.eval import evaluate
-from emo_jax.train.checkpoint import restore_model
+from emo_jax.model_files import restore_model
 
 DOCS = [
     {"text": "def add(a, b):\n    return a + b\n" * 3, "domain": "code"},

@@ -18,18 +18,22 @@ PROMPT = [[30, 31, 32, 33, 34, 35, 36]]
 NEW = 12  # every call decodes into a cache of 7 + 12 slots: one compiled step per model/sampling
 
 
-@pytest.fixture(scope="module")
-def model():
+def spread_config():
     # A larger init spreads the logits, so greedy decoding does not repeat one token.
     config = tiny_config()
     config.model.init_std = 0.3
-    return random_model(config, 11)
+    return config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(spread_config(), 11)
 
 
 @nnx.jit
 def _logits(model, tokens_1S, segment_ids_1S, mask_LR):
     positions = jnp.arange(tokens_1S.shape[1])[None] * segment_ids_1S
-    return model(tokens_1S, segment_ids_1S, positions, expert_mask_LR=mask_LR)[0][0]
+    return model(tokens_1S, segment_ids_1S, positions, expert_mask_LR=mask_LR).logits_BSV[0]
 
 
 def recompute_greedy(model, prompt, steps, mask_LR=None, width=32):
@@ -68,7 +72,7 @@ def test_one_compiled_step_serves_every_length(model):
 def test_subset_by_mask_decodes_like_the_extracted_model(model):
     subset = select.select(model, [], 3, "random", seed=4)
     masked = decode.generate(model, PROMPT, max_new_tokens=NEW, expert_mask_LR=subset.mask())
-    small, _, _ = extract.extract(model, subset)
+    small, _, _ = extract.extract(model, spread_config(), subset)
     assert decode.generate(small, PROMPT, max_new_tokens=NEW).tolist() == masked.tolist()
     assert masked.tolist() != decode.generate(model, PROMPT, max_new_tokens=NEW).tolist()
 

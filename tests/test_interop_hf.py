@@ -16,7 +16,7 @@ from emo_jax.interop import conversion as convert
 from emo_jax.config import default_config, validate
 from emo_jax.interop import hf, safetensors_io
 from emo_jax.interop.hf import InteropError
-from emo_jax.train.checkpoint import restore_model, save_model
+from emo_jax.model_files import restore_model, save_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -356,8 +356,8 @@ def test_imported_model_matches_numpy_forward_of_hf_layout(tmp_path, shared, kv)
 
     tokens = np.random.default_rng(5).integers(0, cfg["vocab_size"], 12)
     s = len(tokens)
-    logits, _ = model(jnp.asarray(tokens[None], jnp.int32), jnp.ones((1, s), jnp.int32),
-                      jnp.arange(s, dtype=jnp.int32)[None])
+    logits = model(jnp.asarray(tokens[None], jnp.int32), jnp.ones((1, s), jnp.int32),
+                   jnp.arange(s, dtype=jnp.int32)[None]).logits_BSV
     expected = numpy_hf_forward(tensors, cfg, tokens)
     assert np.abs(expected).max() > 1.0  # logits large enough for the comparison to mean much
     print("max |emo_jax - numpy|:", np.abs(np.asarray(logits[0]) - expected).max())

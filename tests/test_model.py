@@ -8,6 +8,7 @@ from flax import nnx
 
 from emo_jax.config import default_config, validate
 from emo_jax.model.transformer import Transformer
+from emo_jax.model.model_config import ModelConfig
 from emo_jax.train.loss import loss_and_metrics
 
 
@@ -32,7 +33,7 @@ def row(docs, seq):
 
 def test_document_logits_do_not_depend_on_packing():
     config = tiny_config()
-    model = Transformer(config, rngs=nnx.Rngs(0))
+    model = Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     doc = rng.integers(8, 264, 15)
     others = [rng.integers(8, 264, 11), rng.integers(8, 264, 9)]
@@ -40,11 +41,12 @@ def test_document_logits_do_not_depend_on_packing():
     packed = row([others[0], doc, others[1]], 48)
     batch = np.stack([alone, packed], 1)  # [3 fields, 2 rows, S]
     key = jax.random.key(7)  # pool sizes are fixed (pool_min == pool_max), the key is irrelevant
-    logits, _ = nnx.jit(lambda m, t, s, p: m(t, s, p, pool_key=key))(model, *map(jnp.asarray, batch))
+    forward = nnx.jit(lambda m, t, s, p: m(t, s, p, pool_key=key).logits_BSV)
+    logits = forward(model, *map(jnp.asarray, batch))
     np.testing.assert_allclose(logits[0, :15], logits[1, 11:26], rtol=1e-4, atol=1e-5)
     # And the standard-MoE path too.
-    model.config = tiny_config(pool="none")
-    logits, _ = nnx.jit(lambda m, t, s, p: m(t, s, p, pool_key=key))(model, *map(jnp.asarray, batch))
+    model.config = ModelConfig.from_config(tiny_config(pool="none"))
+    logits = forward(model, *map(jnp.asarray, batch))
     np.testing.assert_allclose(logits[0, :15], logits[1, 11:26], rtol=1e-4, atol=1e-5)
 
 
@@ -55,7 +57,7 @@ def test_remat_gives_identical_gradients():
     for remat in ("none", "full"):
         config = tiny_config()
         config.model.remat = remat
-        model = Transformer(config, rngs=nnx.Rngs(1))
+        model = Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(1))
         grads.append(nnx.jit(nnx.grad(
             lambda m: loss_and_metrics(m, batch, config, jax.random.key(0))[0]))(model))
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
@@ -64,7 +66,7 @@ def test_remat_gives_identical_gradients():
 
 def test_tiny_model_learns_a_repeated_text():
     config = tiny_config(pool_min=3, pool_max=8)
-    model = Transformer(config, rngs=nnx.Rngs(0))
+    model = Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
     text = np.frombuffer(b"the quick brown fox jumps over the lazy dog. " * 3, np.uint8) + 8
     rows = [row([text[:20], text[20:44]], 48), row([text[5:45]], 48)]

@@ -112,7 +112,7 @@ def test_document_feature_is_the_mean_of_its_token_features(model):
     longer than the cap, one is empty (left out), and batches of 2 split the documents."""
     docs = [{"text": t, "domain": d} for d, ts in TEXTS.items() for t in ts[:2]]
     docs.insert(3, {"text": "", "domain": "law"})
-    tokenizer = runtime.tokenizer_of(model.config)
+    tokenizer = runtime.tokenizer_of(tiny_config())
     cap = 30
     features_MF, doc_M = analysis.document_features(model, docs, tokenizer, max_tokens=cap,
                                                      batch_size=2)
@@ -132,14 +132,14 @@ def test_document_feature_is_the_mean_of_its_token_features(model):
 def test_analyze_writes_both_clustering_levels(model, tmp_path):
     docs = [{"text": t, "domain": d} for d, ts in TEXTS.items() for t in ts]
     out = str(tmp_path / "analysis")
-    summary = analysis.analyze(model, docs, out, clusters=4, pca_dims=8, first_tokens=20,
+    summary = analysis.analyze(model, tiny_config(), docs, out, clusters=4, pca_dims=8, first_tokens=20,
                                source="texts")
     assert {"clusters.png", "doc_clusters.png", "tokens.npz", "documents.npz",
             "analysis.json", "report.md"} <= set(os.listdir(out))
     with open(os.path.join(out, "analysis.json")) as f:
         assert json.load(f) == summary
     assert summary["doc_clusters"] <= 3 and summary["cluster_documents"] == 9
-    assert summary["doc_tokens"] == model.config.data.seq_len
+    assert summary["doc_tokens"] == tiny_config().data.seq_len
     assert sum(summary["doc_cluster_sizes"]) == 9
     points = np.load(os.path.join(out, "documents.npz"))
     np.testing.assert_array_equal(points["document"], np.arange(9))
@@ -154,6 +154,6 @@ def test_analyze_writes_both_clustering_levels(model, tmp_path):
     assert f"| tokens | {summary['purity']:.3f} | {summary['nmi']:.3f} |" in report
     assert "![document clusters](doc_clusters.png)" in report
     # A chosen k and cap.
-    summary = analysis.analyze(model, docs, out, clusters=4, pca_dims=8, first_tokens=20,
+    summary = analysis.analyze(model, tiny_config(), docs, out, clusters=4, pca_dims=8, first_tokens=20,
                                doc_clusters=2, doc_tokens=10)
     assert summary["doc_clusters"] == 2 and summary["doc_tokens"] == 10

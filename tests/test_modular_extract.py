@@ -15,7 +15,7 @@ ROW = packed_row([[12, 40, 77, 9, 150, 33, 33, 210, 18, 95, 61], [200, 201, 15, 
 
 @nnx.jit
 def _forward(model, tokens, segment_ids, positions, mask_LR):
-    return model(tokens, segment_ids, positions, expert_mask_LR=mask_LR)[0]
+    return model(tokens, segment_ids, positions, expert_mask_LR=mask_LR).logits_BSV
 
 
 def logits_of(model, mask_LR=None):
@@ -33,7 +33,7 @@ def test_extracted_logits_equal_the_masked_full_model(moe, keep):
     config = tiny_config(**moe)
     model = random_model(config, 5)
     subset = select.select(model, [], keep, "random", seed=keep)
-    small, small_config, report = extract.extract(model, subset)
+    small, small_config, report = extract.extract(model, config, subset)
     assert small_config.moe.num_experts == keep
     assert small_config.moe.top_k == min(config.moe.top_k, keep - config.moe.num_shared_experts)
     assert small.config.moe.num_experts == keep
@@ -59,16 +59,17 @@ def test_subset_of_another_model_is_refused():
     other = random_model(tiny_config(num_experts=7, pool_max=6), 0)
     subset = select.select(other, [], 3, "random")
     with pytest.raises(subset_lib.SubsetError, match=r"moe.num_experts=7 there but 9 here"):
-        extract.extract(model, subset)
+        extract.extract(model, tiny_config(), subset)
 
 
 def test_extracted_checkpoint_restores(tmp_path):
     from emo_jax.modular.runtime import load_model
-    from emo_jax.train.checkpoint import save_model
+    from emo_jax.model_files import save_model
 
-    model = random_model(tiny_config(), 2)
+    config = tiny_config()
+    model = random_model(config, 2)
     subset = select.select(model, [ROW], 5, "global")
-    small, small_config, report = extract.extract(model, subset)
+    small, small_config, report = extract.extract(model, config, subset)
     save_model(str(tmp_path / "small"), small, small_config, {"extract": report})
     restored, config, metadata = load_model(str(tmp_path / "small"))
     assert config.moe.num_experts == 5 and metadata["extract"] == report

@@ -13,7 +13,7 @@ from flax import nnx
 
 import train_helpers as th
 from emo_jax.modular import lazy, subset as subset_lib
-from emo_jax.train.checkpoint import save_model
+from emo_jax.model_files import save_model
 
 from modular_helpers import random_model, tiny_config
 
@@ -22,7 +22,7 @@ from modular_helpers import random_model, tiny_config
 MEASURE = """
 import json, sys, psutil
 from emo_jax.modular import extract, lazy, runtime, subset as subset_lib
-from emo_jax.train.checkpoint import save_model
+from emo_jax.model_files import save_model
 mode, checkpoint, subset_path, out = sys.argv[1:]
 subset = subset_lib.load(subset_path)
 before = psutil.Process().memory_info().rss
@@ -30,7 +30,7 @@ if mode == "lazy":
     lazy.extract_lazy(checkpoint, subset, out)
 else:
     model, config, _ = runtime.load_model(checkpoint)
-    small, small_config, _ = extract.extract(model, subset)
+    small, small_config, _ = extract.extract(model, config, subset)
     save_model(out, small, small_config)
 print(json.dumps({"before": before, "peak": lazy.peak_rss_bytes()}))
 """
@@ -150,7 +150,7 @@ def test_reads_and_reports_of_a_small_checkpoint(tmp_path, monkeypatch):
     from emo_jax.modular.runtime import load_model
 
     restored, restored_config, metadata = load_model(str(tmp_path / "small"))
-    eager, eager_config, _ = extract.extract(model, subset)
+    eager, eager_config, _ = extract.extract(model, config, subset)
     assert json.loads(restored_config.to_json()) == json.loads(eager_config.to_json())
     assert metadata["extract"]["lazy"] and metadata["subset"]["layers"] == subset.layers
     for a, b in zip(jax.tree.leaves(nnx.state(restored)), jax.tree.leaves(nnx.state(eager))):

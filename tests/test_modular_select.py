@@ -36,13 +36,15 @@ def reference_mass(model, mask_LR=None):
 
 
 def test_probe_matches_the_model_statistics(model, batches):
-    logits, stats = nnx.jit(lambda m, t, s, p: m(t, s, p))(
+    forward = nnx.jit(lambda m, t, s, p: m(t, s, p))(
         model, *(batches[0][k] for k in ("tokens", "segment_ids", "positions")))
     out = Probe(model)(batches[0])
-    np.testing.assert_allclose(out["mass_LR"], np.asarray(stats["prob_sums"]).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(out["mass_LR"], np.asarray(forward.routing.prob_sums_BR).sum(1),
+                               rtol=1e-5)
     np.testing.assert_array_equal(out["tokens_L"], [len(DOC_A) + len(DOC_B)] * 2)
     _, _, ref_logits = reference_forward(model, DOC_A)
-    np.testing.assert_allclose(np.asarray(logits)[0, :len(DOC_A)], ref_logits, rtol=1e-4,
+    np.testing.assert_allclose(np.asarray(forward.logits_BSV)[0, :len(DOC_A)], ref_logits,
+                               rtol=1e-4,
                                atol=1e-4)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 import train_helpers as th
 from emo_jax.modular import lazy, subset as subset_lib, transplant
-from emo_jax.train.checkpoint import save_model
+from emo_jax.model_files import save_model
 
 from modular_helpers import random_model, tiny_config
 
@@ -76,7 +76,7 @@ def test_composed_is_base_except_transplanted_rows(checkpoints, monkeypatch):
     for name in got:
         np.testing.assert_array_equal(again[name], got[name])
     # Every tool reads the result like any checkpoint.
-    from emo_jax.train.checkpoint import restore_model
+    from emo_jax.model_files import restore_model
 
     model, config, metadata = restore_model(out)
     assert metadata["composed"]["experts_transplanted"] == 12

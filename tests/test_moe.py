@@ -7,7 +7,9 @@ import pytest
 from flax import nnx
 
 from emo_jax.config import default_config
+from emo_jax.model import experts
 from emo_jax.model import moe as moe_lib
+from emo_jax.model.model_config import ModelConfig
 from emo_jax.model import routing
 from emo_jax.model.grouped_matmul import grouped_swiglu
 
@@ -38,7 +40,7 @@ def make_layer(num_experts, shared, impl, top_k=2, d=16, f=24):
     c.model.d_model = d
     c.moe.update(num_experts=num_experts, num_shared_experts=shared, top_k=top_k,
                  expert_hidden=f, grouped_matmul=impl, block_size=4)
-    return moe_lib.MoE(c.model, c.moe, rngs=nnx.Rngs(0)), c
+    return moe_lib.MoE(ModelConfig.from_config(c), rngs=nnx.Rngs(0)), c
 
 
 @pytest.mark.parametrize("pool", ["document", "none"])
@@ -50,16 +52,16 @@ def test_dropless_matches_dense_reference(pool, shared, impl):
     seg = jnp.asarray(packed_segments(rng, 3, 20))
     x = jnp.asarray(rng.normal(size=(3, 20, 16)).astype(np.float32))
     pool_size = jnp.full((3, 20), 4, jnp.int32) if pool == "document" else None
-    y, stats = nnx.jit(lambda layer, x: layer(x, seg, pool_size))(layer, x)
+    y, stats, _ = nnx.jit(lambda layer, x: layer(x, seg, pool_size))(layer, x)
     logits = jnp.einsum("bsd,dr->bsr", x, layer.router[...])
-    decision = routing.route(logits, seg, layer.top_k, pool_size)
+    decision = routing.route(logits, seg, layer.config.top_k, pool_size)
     np.testing.assert_allclose(y, dense_reference(x, layer, decision), rtol=2e-4, atol=2e-5)
 
     # Gradients w.r.t. every parameter and the input equal the dense reference's.
     def loss(layer, x, dense):
         if dense:
             lg = jnp.einsum("bsd,dr->bsr", x, layer.router[...])
-            dec = routing.route(lg, seg, layer.top_k, pool_size)
+            dec = routing.route(lg, seg, layer.config.top_k, pool_size)
             gates = jnp.zeros(lg.shape).at[
                 jnp.arange(3)[:, None, None], jnp.arange(20)[None, :, None], dec.expert_idx_BSK
             ].set(dec.weights_BSK)
@@ -67,11 +69,11 @@ def test_dropless_matches_dense_reference(pool, shared, impl):
                 jnp.einsum("bsd,edf->bsef", x, layer.w_up[...])
             out = jnp.einsum("bsef,efd,bse->bsd", h, layer.w_down[...], gates)
             if layer.shared_gate is not None:
-                out = out + moe_lib.shared_swiglu(x.reshape(-1, 16), layer.shared_gate[...],
+                out = out + experts.shared_swiglu(x.reshape(-1, 16), layer.shared_gate[...],
                                                   layer.shared_up[...], layer.shared_down[...],
                                                   "float32").reshape(out.shape)
         else:
-            out, _ = layer(x, seg, pool_size)
+            out, _, _ = layer(x, seg, pool_size)
         return jnp.sum(out * jnp.cos(jnp.arange(16.0)))
 
     grad = nnx.jit(nnx.grad(loss, argnums=(0, 1)), static_argnums=2)
@@ -91,8 +93,8 @@ def test_expert_rows_scale_with_assignments_not_experts():
     rows = {}
     for experts in (8, 16, 32, 64):
         layer, _ = make_layer(experts, 0, "blocked", top_k=top_k)
-        _, stats = nnx.jit(lambda layer, x: layer(x, seg, None))(layer, x)
-        rows[experts] = float(stats["rows_processed"])
+        _, stats, _ = nnx.jit(lambda layer, x: layer(x, seg, None))(layer, x)
+        rows[experts] = float(stats.rows_processed)
         padding_bound = experts * (block - 1)
         assert rows[experts] <= 1.3 * tokens * top_k + padding_bound, rows
         assert rows[experts] >= tokens * top_k
@@ -106,10 +108,10 @@ def test_static_block_budget_is_worst_case_safe(impl):
     x = jnp.asarray(np.random.default_rng(5).normal(size=(6, 16)).astype(np.float32))
     for idx in (np.zeros((6, 1), np.int32), np.arange(6, dtype=np.int32)[:, None]):
         w = jnp.ones((6, 1))
-        y, _ = moe_lib.dispatch_local(x, jnp.asarray(idx), w, layer.w_gate[...], layer.w_up[...],
+        y, _ = experts.dispatch_local(x, jnp.asarray(idx), w, layer.w_gate[...], layer.w_up[...],
                                       layer.w_down[...], impl=impl, block_size=4,
                                       compute_dtype="float32")
-        ref, _ = moe_lib.dispatch_local(x, jnp.asarray(idx), w, layer.w_gate[...], layer.w_up[...],
+        ref, _ = experts.dispatch_local(x, jnp.asarray(idx), w, layer.w_gate[...], layer.w_up[...],
                                         layer.w_down[...], impl="ragged_dot", block_size=4,
                                         compute_dtype="float32")
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)

@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from emo_jax import parallel
 from emo_jax.config import default_config
 from emo_jax.model import moe as moe_lib
+from emo_jax.model.model_config import ModelConfig
 from emo_jax.model import moe_parallel, routing
 
 E, K, D, F = 8, 2, 16, 24
@@ -242,7 +243,7 @@ def test_moe_layer_reports_its_drops_on_a_mesh():
     c.model.d_model = D
     c.moe.update(num_experts=E, top_k=K, expert_hidden=F, capacity_factor=0.5,
                  dispatch="capacity", grouped_matmul="ragged_dot")
-    layer = moe_lib.MoE(c.model, c.moe, rngs=nnx.Rngs(0), rules=c.mesh.rules)
+    layer = moe_lib.MoE(ModelConfig.from_config(c), rngs=nnx.Rngs(0))
     rng = np.random.default_rng(3)
     x = rng.normal(size=(8, 8, D)).astype(np.float32)  # 8 rows of 8 tokens: one row per device
     seg = np.ones((8, 8), np.int32)
@@ -251,10 +252,11 @@ def test_moe_layer_reports_its_drops_on_a_mesh():
     graphdef, state = nnx.split(layer)
 
     def run(state, x, seg):
-        return nnx.merge(graphdef, state)(x, seg)
+        y, stats, _ = nnx.merge(graphdef, state)(x, seg)
+        return y, stats
 
     y_local, stats_local = jax.jit(run, compiler_options=FAST_COMPILE)(state, x, seg)
-    assert float(stats_local["dropped"]) == 0.0
+    assert float(stats_local.dropped) == 0.0
     with jax.set_mesh(mesh):
         rows = NamedSharding(mesh, P(parallel.BATCH_AXES))
         y, stats = jax.jit(run, compiler_options=FAST_COMPILE)(
@@ -267,13 +269,14 @@ def test_moe_layer_reports_its_drops_on_a_mesh():
     w = np.asarray(decision.weights_BSK).reshape(-1, K)
     cap = moe_parallel.capacity(8, K, E, 0.5)
     keep, dropped = numpy_capacity_keep(idx, w, 8, cap)
-    assert dropped > 0 and float(stats["dropped"]) == dropped
+    assert dropped > 0 and float(stats.dropped) == dropped
     kept_rows = (keep | (w == 0)).all(-1)  # tokens none of whose assignments was dropped
     np.testing.assert_allclose(np.asarray(y).reshape(-1, D)[kept_rows],
                                np.asarray(y_local).reshape(-1, D)[kept_rows], rtol=1e-5,
                                atol=1e-5)
-    for name in ("counts", "prob_sums", "tokens", "z_sums"):
-        np.testing.assert_allclose(stats[name], stats_local[name], rtol=1e-6, err_msg=name)
+    for name in ("counts_BR", "prob_sums_BR", "tokens_B", "z_sums_B"):
+        np.testing.assert_allclose(getattr(stats, name), getattr(stats_local, name), rtol=1e-6,
+                                   err_msg=name)
 
 
 def test_dispatch_choice_and_capacity():

@@ -20,6 +20,7 @@ from emo_jax import parallel
 from emo_jax.config import ConfigError, validate
 from emo_jax.model import losses
 from emo_jax.model.transformer import Transformer
+from emo_jax.model.model_config import ModelConfig
 from emo_jax.train.loss import loss_and_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -60,8 +61,8 @@ def loss_grad_fn(graphdef, config, num_shards=1):
 def initial_model():
     """(graphdef, host state) of the tiny model; one jitted init (eagerly: 4x the CPU time)."""
     config = no_drop_config((1, 1, 1))
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
-    state = jax.jit(lambda: nnx.state(Transformer(config, rngs=nnx.Rngs(0))),
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0))))
+    state = jax.jit(lambda: nnx.state(Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0))),
                     compiler_options=FAST_COMPILE)()
     return graphdef, jax.device_get(state)
 
@@ -162,10 +163,10 @@ def test_global_balance_is_the_single_device_loss_and_local_differs(single_devic
     graphdef, _ = initial_model()
 
     def stats_and_local(state, batch):
-        _, stats = nnx.merge(graphdef, state)(batch["tokens"], batch["segment_ids"],
-                                              batch["positions"], pool_key=POOL_KEY)
-        local = losses.balance_loss_per_layer(stats["counts"], stats["prob_sums"],
-                                              stats["tokens"], config.moe.top_k, "local",
+        stats = nnx.merge(graphdef, state)(batch["tokens"], batch["segment_ids"],
+                                           batch["positions"], pool_key=POOL_KEY).routing
+        local = losses.balance_loss_per_layer(stats.counts_BR, stats.prob_sums_BR,
+                                              stats.tokens_B, config.moe.top_k, "local",
                                               num_shards=parallel.batch_shards(mesh))
         return stats, local
 
@@ -175,8 +176,8 @@ def test_global_balance_is_the_single_device_loss_and_local_differs(single_devic
 
     # Independent: each device's loss from the statistics rows that device holds.
     per_device = []
-    for c_shard, p_shard, t_shard in zip(*(stats[k].addressable_shards
-                                           for k in ("counts", "prob_sums", "tokens"))):
+    for c_shard, p_shard, t_shard in zip(*(getattr(stats, k).addressable_shards
+                                           for k in ("counts_BR", "prob_sums_BR", "tokens_B"))):
         counts, probs = np.asarray(c_shard.data, np.float64), np.asarray(p_shard.data, np.float64)
         tokens = np.asarray(t_shard.data, np.float64).sum(1)  # [L]
         f = counts.sum(1) / (config.moe.top_k * tokens[:, None])

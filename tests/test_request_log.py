@@ -21,18 +21,21 @@ PROMPTS = [[30, 31, 32, 33, 34, 35], [90, 12, 200, 7, 7, 41]]
 NEW = 10
 
 
-@pytest.fixture(scope="module")
-def model():
+def spread_config():
     config = tiny_config()
     config.model.init_std = 0.3  # spread logits: greedy decoding does not repeat one token
-    return random_model(config, 11)
+    return config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(spread_config(), 11)
 
 
 @nnx.jit
 def _counts(model, tokens_1S, segment_ids_1S):
     positions = (jnp.cumsum(segment_ids_1S, axis=1) - 1) * segment_ids_1S
-    _, stats = model(tokens_1S, segment_ids_1S, positions)
-    return stats["counts"][:, 0]
+    return model(tokens_1S, segment_ids_1S, positions).routing.counts_BR[:, 0]
 
 
 def forward_counts(model, ids, width=48) -> np.ndarray:
@@ -65,9 +68,10 @@ def test_generate_counts_equal_routing_decisions(model):
 
 
 def test_subset_counts_are_in_the_checkpoint_numbering(model):
-    subset = subset_lib.make_subset([[0, 3, 6], [1, 2, 7]], config=model.config, model=model,
+    subset = subset_lib.make_subset([[0, 3, 6], [1, 2, 7]], config=spread_config(),
+                                    model=model,
                                     method="manual", data={})
-    small, _, _ = extract.extract(model, subset)
+    small, _, _ = extract.extract(model, spread_config(), subset)
     _, cut = decode.generate(small, PROMPTS, max_new_tokens=6, return_routing=True)
     _, masked = decode.generate(model, PROMPTS, max_new_tokens=6, return_routing=True,
                                 expert_mask_LR=subset.mask())
@@ -83,7 +87,7 @@ def test_eval_document_counts_equal_routing_decisions(tmp_path):
     from emo_jax.data.pipeline import pack_documents
     from emo_jax.eval import evaluate
     from emo_jax.modular.runtime import load_model, tokenizer_of
-    from emo_jax.train.checkpoint import save_model
+    from emo_jax.model_files import save_model
 
     config = tiny_config(eval_pool=4)
     path = save_model(str(tmp_path / "m"), random_model(config, 4), config)
@@ -104,10 +108,11 @@ def test_eval_document_counts_equal_routing_decisions(tmp_path):
 
 
 def test_generate_cli_appends_one_record_per_request(model, tmp_path):
-    from emo_jax.train.checkpoint import save_model
+    from emo_jax.model_files import save_model
 
-    path = save_model(str(tmp_path / "m"), model, model.config)
-    subset = subset_lib.make_subset([[0, 3, 6], [1, 2, 7]], config=model.config, model=model,
+    path = save_model(str(tmp_path / "m"), model, spread_config())
+    subset = subset_lib.make_subset([[0, 3, 6], [1, 2, 7]], config=spread_config(),
+                                    model=model,
                                     method="manual", data={})
     subset_path = subset_lib.save(subset, str(tmp_path / "s.json"))
     log = tmp_path / "log.jsonl"

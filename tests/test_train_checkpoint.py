@@ -1,4 +1,4 @@
-"""The standalone model API of emo_jax.train.checkpoint: restore_model from a training workdir
+"""The standalone model API of emo_jax.model_files: restore_model from a training workdir
 (latest, a step, a step directory) and from a model directory written by save_model, and a model
 directory as --init_checkpoint of a new run."""
 
@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import train_helpers as th
-from emo_jax.train import checkpoint as ckpt
+from emo_jax import model_files
 
 
 @pytest.fixture(scope="module")
@@ -33,25 +33,27 @@ def _assert_equal(a, b):
 
 
 def test_restore_model_from_a_workdir_and_save_model_roundtrip(reference, tmp_path):
-    model, config, meta = ckpt.restore_model(reference)
+    model, config, meta = model_files.restore_model(reference)
     assert meta["step"] == th.STEPS and meta["kind"] == "workdir"
     assert meta["summary"]["total_params"] > 0
     assert config.train.steps == th.STEPS and config.model.d_model == 64
-    at_4, _, meta4 = ckpt.restore_model(os.path.join(reference, "checkpoints", str(th.EVERY)))
+    at_4, _, meta4 = model_files.restore_model(
+        os.path.join(reference, "checkpoints", str(th.EVERY)))
     assert meta4["step"] == th.EVERY
-    _assert_equal(_params(at_4), _params(ckpt.restore_model(reference, step=th.EVERY)[0]))
+    _assert_equal(_params(at_4),
+                  _params(model_files.restore_model(reference, step=th.EVERY)[0]))
     assert not np.array_equal(_params(at_4)["embed"], _params(model)["embed"])
 
     out = tmp_path / "model"
-    ckpt.save_model(str(out), model, config, {"step": meta["step"], "source": reference})
+    model_files.save_model(str(out), model, config, {"step": meta["step"], "source": reference})
     assert sorted(os.listdir(out)) == ["config.json", "metadata.json", "params"]
     assert not os.path.exists(str(out) + ".partial")
     with open(out / "metadata.json") as f:
         saved = json.load(f)
     assert saved["format"] == "emo_jax.model" and saved["step"] == th.STEPS
-    with pytest.raises(ckpt.CheckpointError, match="exists"):
-        ckpt.save_model(str(out), model, config)
-    again, config2, meta2 = ckpt.restore_model(str(out))
+    with pytest.raises(model_files.CheckpointError, match="exists"):
+        model_files.save_model(str(out), model, config)
+    again, config2, meta2 = model_files.restore_model(str(out))
     assert meta2["kind"] == "model" and config2.to_dict() == config.to_dict()
     _assert_equal(_params(model), _params(again))
 
@@ -62,21 +64,21 @@ def test_restore_model_from_a_workdir_and_save_model_roundtrip(reference, tmp_pa
 
     @jax.jit
     def logits(state):
-        return nnx.merge(nnx.graphdef(model), state)(tokens, ones, positions)[0]
+        return nnx.merge(nnx.graphdef(model), state)(tokens, ones, positions).logits_BSV
 
-    with jax.set_mesh(ckpt.model_mesh(again)):
+    with jax.set_mesh(model_files.model_mesh(again)):
         np.testing.assert_array_equal(logits(nnx.state(model)), logits(nnx.state(again)))
 
 
 def test_restore_model_errors(tmp_path):
-    with pytest.raises(ckpt.CheckpointError, match="no emo_jax checkpoint"):
-        ckpt.restore_model(str(tmp_path))
+    with pytest.raises(model_files.CheckpointError, match="no emo_jax checkpoint"):
+        model_files.restore_model(str(tmp_path))
 
 
 @pytest.mark.slow
 def test_model_directory_as_init_checkpoint(reference, tmp_path):
-    model, config, _ = ckpt.restore_model(reference)
-    ckpt.save_model(str(tmp_path / "model"), model, config)
+    model, config, _ = model_files.restore_model(reference)
+    model_files.save_model(str(tmp_path / "model"), model, config)
     workdir = tmp_path / "finetune"
     th.run_train(workdir, f"--init_checkpoint={tmp_path / 'model'}")
     first = th.step_records(workdir)[1]

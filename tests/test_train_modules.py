@@ -17,10 +17,10 @@ import pytest
 from flax import nnx
 
 import train_helpers as th
+from emo_jax import model_files
 from emo_jax.config import ConfigError, validate
 from emo_jax.data.sources import read_documents
 from emo_jax.modular import lazy, subset as subset_lib
-from emo_jax.train import checkpoint as ckpt_lib
 from emo_jax.train import modules
 from emo_jax.train import step as step_lib
 
@@ -44,7 +44,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("modules")
     config = tiny_run_config()
     model = random_model(config, 0)
-    base = ckpt_lib.save_model(str(d / "base"), model, config)
+    base = model_files.save_model(str(d / "base"), model, config)
     subset = subset_lib.make_subset(KEPT, config=config, model=model, method="manual", data={})
     subset_path = subset_lib.save(subset, str(d / "python.json"))
     docs = [doc for doc in read_documents("bundled:train") if doc["domain"] == "python"][:120]
@@ -126,7 +126,7 @@ def test_module_fine_tuning_freezes_everything_else(setup):
     from emo_jax.data.pipeline import pack_documents
     from emo_jax.data.tokenizers import make_tokenizer
     from emo_jax.eval import token_losses
-    from emo_jax.train.checkpoint import restore_model
+    from emo_jax.model_files import restore_model
 
     docs = read_documents(setup["domain"])[:24]
     batch = next(iter(pack_documents(docs, make_tokenizer("byte"), 128, 16)))
@@ -257,11 +257,11 @@ def test_init_checkpoint_adopts_the_model_shape(setup):
 
     config = setup["config"]
     model = random_model(config, 0)
-    small, small_config, _ = extract.extract(model, subset_lib.load(setup["subset"]))
+    small, small_config, _ = extract.extract(model, config, subset_lib.load(setup["subset"]))
     small_config.moe.top_k = 1
-    path = ckpt_lib.save_model(str(setup["dir"] / "small"), small, validate(small_config))
-    adopted = ckpt_lib.adopt_shape(config, path)
+    path = model_files.save_model(str(setup["dir"] / "small"), small, validate(small_config))
+    adopted = model_files.adopt_shape(config, path)
     assert (adopted.moe.num_experts, adopted.moe.top_k) == (4, 1)
     assert (config.moe.num_experts, config.moe.top_k) == (16, 2)  # the caller's is unchanged
     assert adopted.model.to_dict() == config.model.to_dict()
-    assert ckpt_lib.adopt_shape(config, setup["base"]) is config
+    assert model_files.adopt_shape(config, setup["base"]) is config

@@ -10,6 +10,7 @@ from flax import nnx
 
 from emo_jax.config import default_config
 from emo_jax.model.transformer import Transformer
+from emo_jax.model.model_config import ModelConfig
 from emo_jax.train import optimizer as optim
 
 
@@ -30,7 +31,7 @@ def _flat(tree):
 
 def test_weight_decay_skips_embeddings_and_norms():
     config = _small()
-    abstract = nnx.state(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))), nnx.Param)
+    abstract = nnx.state(nnx.eval_shape(lambda: Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0))), nnx.Param)
     params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), abstract)
     mask = _flat(optim.weight_decay_mask(params))
     no_decay = {name for name, decays in mask.items() if not decays}

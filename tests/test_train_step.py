@@ -97,6 +97,7 @@ def test_nonfinite_step_is_skipped_and_counted(setup):
     graphdef, _, shardings = step_lib.abstract_state(config, mesh)
     state = jax.tree.map(lambda x: x.copy(), fresh)  # the step donates its input
     before = jax.device_get(state["model"])
+    opt_before = jax.device_get(state["optimizer"])  # Adam moments, counts: all of it
     train_step = step_lib.make_train_step(config, graphdef, shardings, mesh)
     state, metrics = train_step(state, parallel.host_to_global(batch, mesh))
     assert not np.isfinite(float(metrics["loss"])) and float(metrics["step_ok"]) == 0.0
@@ -106,6 +107,10 @@ def test_nonfinite_step_is_skipped_and_counted(setup):
     assert int(state["step"][...]) == 1 and int(state["skipped"][...]) == 1
     assert int(state["bad_in_a_row"][...]) == 1
     assert int(state["optimizer"]["step"][...]) == 0  # the optimizer never saw the step
+    opt_after = jax.device_get(state["optimizer"])
+    assert len(jax.tree.leaves(opt_before)) == len(jax.tree.leaves(opt_after)) > 2
+    for a, b in zip(jax.tree.leaves(opt_before), jax.tree.leaves(opt_after)):
+        np.testing.assert_array_equal(a, b)
     state, metrics = train_step(state, parallel.host_to_global(batch, mesh))
     assert np.isfinite(float(metrics["loss"])) and float(metrics["step_ok"]) == 1.0
     assert int(state["skipped"][...]) == 1 and int(state["bad_in_a_row"][...]) == 0

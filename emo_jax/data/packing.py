@@ -10,7 +10,7 @@ Stages, in pipeline order (each a Grain transform; only `DocumentFilterIterDatas
   SplitDocument        a document longer than the row -> pieces of <= seq_len tokens, each
                        its own segment (skipped for concat_then_split, which splits itself)
   pack_rows            grain.experimental First/BestFit or ConcatThenSplit, renamed to the
-                       batch format of DESIGN.md: int32 `tokens`, `segment_ids` (0 = padding,
+                       batch format (docs/METHOD.md §7): int32 `tokens`, `segment_ids` (0 = padding,
                        1..n in row order), `positions` (restart at 0 in every segment)
   batch_rows           [B, S] batches; a short last batch (finite data) is padded with empty
                        rows (segment_ids 0), never dropped
@@ -31,6 +31,7 @@ import numpy as np
 from emo_jax.data.sources import BAD_REASONS, DataError, bad_record_error
 
 STATS_KEY = "emo_data_stats"
+LATEST_BAD_KEY = "emo_latest_bad_record"  # 'REASON at WHERE' of the newest bad record
 PACKINGS = ("first_fit", "best_fit", "concat_then_split")
 
 
@@ -82,6 +83,7 @@ class _DocumentFilterIterator(grain.DatasetIterator):
         super().__init__(parent)
         self._on_bad, self._max_bad, self._seq_len = on_bad_record, max_consecutive_bad, seq_len
         self._counts, self._consecutive_bad = _empty_counts(), 0
+        self._latest_bad = None
 
     def __next__(self):
         while True:
@@ -91,6 +93,7 @@ class _DocumentFilterIterator(grain.DatasetIterator):
             if self._on_bad == "error":
                 raise bad_record_error(element)
             self._counts[f"bad_{element['bad']}"] += 1
+            self._latest_bad = f"{element['bad']} at {element['where']}"
             self._consecutive_bad += 1
             if self._consecutive_bad > self._max_bad:
                 raise DataError(f"the last {self._consecutive_bad} records were all bad, more "
@@ -105,12 +108,13 @@ class _DocumentFilterIterator(grain.DatasetIterator):
 
     def get_state(self):
         return {"parent": self._parent.get_state(), STATS_KEY: dict(self._counts),
-                "consecutive_bad": self._consecutive_bad}
+                "consecutive_bad": self._consecutive_bad, LATEST_BAD_KEY: self._latest_bad}
 
     def set_state(self, state):
         self._parent.set_state(state["parent"])
         self._counts = {**_empty_counts(), **state[STATS_KEY]}
         self._consecutive_bad = state["consecutive_bad"]
+        self._latest_bad = state.get(LATEST_BAD_KEY)
 
 
 class DocumentFilterIterDataset(grain.IterDataset):
@@ -203,3 +207,22 @@ def data_stats(iterator) -> dict:
     visit(iterator.get_state())
     totals["bad_records"] = sum(totals[f"bad_{reason}"] for reason in BAD_REASONS)
     return totals
+
+
+def latest_bad_record(iterator) -> str | None:
+    """'REASON at WHERE' of a bad record skipped most recently (by some Grain worker), or None."""
+    found = []
+
+    def visit(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == LATEST_BAD_KEY:
+                    found.append(value)
+                else:
+                    visit(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                visit(value)
+
+    visit(iterator.get_state())
+    return next((f for f in reversed(found) if f), None)

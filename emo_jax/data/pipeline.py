@@ -35,9 +35,12 @@ import sys
 from typing import Iterator, Sequence
 
 import grain
+import jax
 import ml_collections
 import numpy as np
+from absl import flags, logging
 
+from emo_jax import parallel
 from emo_jax.config import ConfigError
 from emo_jax.data import packing
 from emo_jax.data.sources import DataError, bad_record_error, open_source, parse_spec
@@ -49,8 +52,6 @@ fill_ratio = packing.fill_ratio
 
 def _processes(process_index, process_count) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax  # pylint: disable=g-import-not-at-top
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
@@ -71,7 +72,7 @@ def _seed(*parts: int) -> int:
 
 def _require_document(ds: grain.MapDataset, entry: str, on_bad_record: str, where: str):
     """Reads until the first valid document; a (host slice of a) source with none is an error."""
-    reasons = {}
+    reasons, first = {}, ""
     for i in range(len(ds)):
         doc = ds[i]
         if "bad" not in doc:
@@ -79,8 +80,9 @@ def _require_document(ds: grain.MapDataset, entry: str, on_bad_record: str, wher
         if on_bad_record == "error":
             raise bad_record_error(doc)
         reasons[doc["bad"]] = reasons.get(doc["bad"], 0) + 1
+        first = first or f"; first: {doc['bad']} at {doc['where']}"
     raise DataError(f"data source '{entry}' has no valid document{where} "
-                    f"({len(ds)} records; bad: {reasons or 'none'})")
+                    f"({len(ds)} records; bad: {reasons or 'none'}{first})")
 
 
 def _open_sources(spec: str, *, default: str, key: str, d: ml_collections.ConfigDict,
@@ -107,8 +109,6 @@ def _max_consecutive_bad(datasets, weights, workers: int) -> int:
 
 def _ensure_flags_parsed():
     """Grain worker processes read absl flags; parse defaults when the program has not."""
-    from absl import flags  # pylint: disable=g-import-not-at-top
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS(sys.argv[:1], known_only=True)
 
@@ -193,8 +193,17 @@ def make_eval_batches(config: ml_collections.ConfigDict, *, max_batches: int | N
                          batch_size=d.batch_size, packing_mode=d.packing,
                          packing_bins=d.packing_bins, on_bad_record=d.on_bad_record,
                          with_document_ids=False, read_threads=d.read_threads)
-    rows = slice(pi * (d.batch_size // pc), (pi + 1) * (d.batch_size // pc))
-    return [{k: v[rows] for k, v in batch.items()} for batch in itertools.islice(it, max_batches)]
+    rows = parallel.host_rows(d.batch_size, pi, pc)
+    batches = [{k: v[rows] for k, v in batch.items()}
+               for batch in itertools.islice(it, max_batches)]
+    stats = data_stats(it)
+    if stats["bad_records"] and pi == 0:
+        logging.warning("data.eval_sources: skipped %d bad records (%s); latest: %s",
+                        stats["bad_records"], {k[4:]: v for k, v in stats.items()
+                                               if k.startswith("bad_") and v and
+                                               k != "bad_records"},
+                        packing.latest_bad_record(it))
+    return batches
 
 
 def pack_documents(docs: Sequence[str | dict], tokenizer, seq_len: int, batch_size: int, *,

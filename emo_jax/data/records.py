@@ -3,7 +3,11 @@
 Item `i` of every source is either a document `{'text': str, 'domain': str | None}` or a
 bad-record marker `{'bad': REASON, 'where': 'PATH (record i)'}`, REASON one of BAD_REASONS:
 'invalid_json', 'missing_text' (absent or not a string), 'empty' (only whitespace),
-'not_utf8' (undecodable bytes, or lone surrogates from JSON escapes). Sources parse lazily,
+'not_utf8' (undecodable bytes, or lone surrogates from JSON escapes), 'corrupt_file' (a
+compressed file whose stream is truncated or corrupt: a `.gz` JSONL file keeps every line that
+decompressed completely; from the first incomplete line on, the rest of the file is one bad
+record, since a broken compressed stream cannot be resynchronised; a `.gz` file that is not gzip
+at all is one bad record). Sources parse lazily,
 pickle without open handles (Grain worker processes reopen files), and never download.
 Which source reads which path is decided by `emo_jax.data.sources.open_source`.
 """
@@ -14,13 +18,16 @@ import gzip
 import json
 import os
 import threading
+import zlib
 
+import grain
 import numpy as np
 
 from emo_jax.config import ConfigError
 
-BAD_REASONS = ("invalid_json", "missing_text", "empty", "not_utf8")
+BAD_REASONS = ("invalid_json", "missing_text", "empty", "not_utf8", "corrupt_file")
 _SCAN_CHUNK = 1 << 26  # bytes scanned at once when indexing JSONL lines
+_GZIP_CHUNK = 1 << 20  # decompressed bytes read at once; a corrupt stream loses at most this
 
 
 class DataError(ConfigError):
@@ -72,6 +79,29 @@ def _raw_text_doc(raw: bytes, where: str) -> dict:
     return _text_doc(text, None, where)
 
 
+def _gunzip(path: str) -> tuple[bytes, str | None]:
+    """(the decompressed bytes, None), or (the bytes read before the stream broke, why)."""
+    parts = []
+    try:
+        with gzip.open(path, "rb") as f:
+            while True:
+                part = f.read1(_GZIP_CHUNK)
+                if not part:
+                    break
+                parts.append(part)
+    except EOFError:
+        return b"".join(parts), "the gzip stream is truncated"
+    except gzip.BadGzipFile as err:
+        if not parts and "Not a gzipped file" in str(err):
+            return b"", "not gzip data (a plain JSONL file must not end in .gz)"
+        return b"".join(parts), f"corrupt gzip data ({err})"
+    except zlib.error as err:
+        return b"".join(parts), f"corrupt gzip data ({err})"
+    except OSError as err:
+        raise DataError(f"data file '{path}' cannot be read: {err.strerror or err}") from None
+    return b"".join(parts), None
+
+
 # --------------------------------------------------------------------------- sources
 
 class JsonlSource:
@@ -81,6 +111,7 @@ class JsonlSource:
         self.paths, self.text_field = list(paths), text_field
         self._lock = threading.Lock()
         self._handles: dict[int, object] = {}
+        self._damage: dict[int, str] = {}  # file index -> why its compressed stream broke
         spans = [self._index(i) for i in range(len(self.paths))]
         self._starts = [s for s, _ in spans]
         self._ends = [e for _, e in spans]
@@ -95,10 +126,15 @@ class JsonlSource:
                 if handle is None:
                     path = self.paths[file_index]
                     if path.endswith(".gz"):
-                        with gzip.open(path, "rb") as f:
-                            handle = f.read()
+                        handle, why = _gunzip(path)
+                        if why is not None:
+                            self._damage.setdefault(file_index, why)
                     else:
-                        handle = os.open(path, os.O_RDONLY)
+                        try:
+                            handle = os.open(path, os.O_RDONLY)
+                        except OSError as err:
+                            raise DataError(f"data file '{path}' cannot be read: "
+                                            f"{err.strerror or err}") from None
                     self._handles[file_index] = handle
         return handle
 
@@ -128,6 +164,13 @@ class JsonlSource:
             drop = np.zeros(len(starts), bool)
             drop[np.flatnonzero(one)[lone_cr]] = True
             starts, ends = starts[~drop], ends[~drop]
+        if file_index in self._damage:  # the unterminated tail and the rest: one bad record
+            tail = int(newlines_N[-1]) + 1 if len(newlines_N) else 0
+            self._damage[file_index] = (f"line {len(newlines_N) + 1}, byte offset {tail} of the "
+                                        f"decompressed data: {self._damage[file_index]}")
+            keep = ends < tail  # lines that end in a newline of the readable part
+            starts = np.append(starts[keep], tail).astype(np.int64)
+            ends = np.append(ends[keep], -1).astype(np.int64)
         return starts, ends
 
     def __len__(self) -> int:
@@ -137,6 +180,9 @@ class JsonlSource:
         file_index = int(np.searchsorted(self._cum, index, side="right")) - 1
         j = index - int(self._cum[file_index])
         start, end = int(self._starts[file_index][j]), int(self._ends[file_index][j])
+        if end < 0:  # where a damaged compressed file stopped decompressing
+            return _bad("corrupt_file", f"{self.paths[file_index]} (record {j}, "
+                        f"{self._damage[file_index]}; the rest of the file is unreadable)")
         where = f"{self.paths[file_index]} (record {j}, byte offset {start})"
         return _json_doc(self._read(file_index, start, end), self.text_field, where)
 
@@ -179,8 +225,6 @@ class ArrayRecordSource:
     """ArrayRecord files whose records are JSON objects or raw UTF-8 text (record 0 decides)."""
 
     def __init__(self, paths: list[str], text_field: str = "text"):
-        import grain  # pylint: disable=g-import-not-at-top
-
         self.paths, self.text_field = list(paths), text_field
         self._records = grain.sources.ArrayRecordDataSource(self.paths)
         first = bytes(self._records[0]).lstrip() if len(self._records) else b""
@@ -203,6 +247,7 @@ class TfdsSource:
     """A prepared TFDS dataset split through `tfds.data_source` (random access, no TensorFlow)."""
 
     def __init__(self, name: str, split: str, data_dir: str = "", text_field: str = "text"):
+        # Deferred: tensorflow_datasets is heavy to import and only TFDS sources need it.
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
         self.name, self.split, self.text_field = name, split, text_field

@@ -148,7 +148,7 @@ def read_documents(path_or_spec: str, text_field: str = "text", *, tfds_data_dir
     are ignored, entries are concatenated. Bad records are skipped and logged (or raise
     `DataError` with `on_bad_record='error'`); a spec with no document at all raises DataError.
     """
-    docs, counts = [], {}
+    docs, counts, latest = [], {}, None
     for entry in parse_spec(path_or_spec, default="bundled:eval"):
         source = open_source(entry.target, text_field=text_field, tfds_data_dir=tfds_data_dir)
         for i in range(len(source)):
@@ -161,9 +161,12 @@ def read_documents(path_or_spec: str, text_field: str = "text", *, tfds_data_dir
                 raise bad_record_error(doc)
             else:
                 counts[doc["bad"]] = counts.get(doc["bad"], 0) + 1
-    if counts:
-        logging.warning("read_documents(%r): skipped bad records %s", path_or_spec, counts)
+                latest = latest or f"{doc['bad']} at {doc['where']}"
     if not docs:
         raise DataError(f"data source '{path_or_spec}' holds no valid document "
-                        f"(bad records: {counts or 'none'})")
+                        f"(bad records: {counts or 'none'}" + (f"; first: {latest})" if latest
+                                                               else ")"))
+    if counts:
+        logging.warning("data source %r: skipped %d bad records %s; first: %s", path_or_spec,
+                        sum(counts.values()), counts, latest)
     return docs

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import sentencepiece as spm
 
 from emo_jax.config import ConfigError
 
@@ -88,8 +89,6 @@ class SentencePieceTokenizer(_FileTokenizer):
     prefix = "sentencepiece"
 
     def _load(self):
-        import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.Load(self.path)
@@ -120,7 +119,7 @@ class HFTokenizer(_FileTokenizer):
     prefix = "hf"
 
     def _load(self):
-        try:
+        try:  # deferred: `tokenizers` is an optional dependency (emo_jax[hf])
             import tokenizers  # pylint: disable=g-import-not-at-top
         except ImportError:
             raise ConfigError("data.tokenizer: 'hf:' tokenizers need the optional package "

@@ -19,6 +19,7 @@ import os
 import random
 import sys
 
+import sentencepiece as spm
 from absl import app, flags
 
 from emo_jax.data.sources import read_documents
@@ -41,8 +42,6 @@ def training_lines(docs: list[dict], max_chars: int, seed: int) -> list[str]:
 def train(sources: str, output: str, vocab_size: int, *, model_type: str = "unigram",
           text_field: str = "text", max_chars: int = 20_000_000, seed: int = 0) -> str:
     """Trains and writes `output`.model / .vocab; returns the .model path."""
-    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-
     lines = training_lines(read_documents(sources or "bundled:train", text_field), max_chars, seed)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     spm.SentencePieceTrainer.train(

@@ -19,6 +19,8 @@ import time
 from emo_jax.interop import hf as hf_lib
 from emo_jax.interop import safetensors_io
 from emo_jax.interop.hf import InteropError
+from emo_jax.model_files import save_model
+from emo_jax.modular.runtime import load_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TOKENIZER_SUBDIR = "tokenizer"
@@ -78,8 +80,6 @@ def read_hf_config(hf_dir: str) -> dict:
 
 def import_hf(hf_dir: str, out: str) -> str:
     """Converts a Hugging Face EMO folder into an emo_jax model directory; returns its path."""
-    from emo_jax.train.checkpoint import save_model
-
     hf_dir, out = os.path.abspath(hf_dir), os.path.abspath(out)
     _refuse_existing(out)  # before the (possibly long) conversion; atomic_dir checks again
     hf = read_hf_config(hf_dir)
@@ -150,8 +150,6 @@ def _tokenizer_sources(spec: str) -> list[str]:
 def export_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: str = "float32",
               max_shard_bytes: int = safetensors_io.DEFAULT_MAX_SHARD_BYTES) -> str:
     """Writes a checkpoint as a Hugging Face EMO folder; returns its path."""
-    from emo_jax.modular.runtime import load_model
-
     out = os.path.abspath(out)
     _refuse_existing(out)  # before the (possibly long) restore; atomic_dir checks again
     model, config, metadata = load_model(checkpoint, step=step)  # on one device

@@ -39,6 +39,8 @@ import numpy as np
 from flax import nnx
 
 from emo_jax.config import ConfigError, default_config, validate
+from emo_jax.model.model_config import ModelConfig
+from emo_jax.model.transformer import Transformer
 
 MODEL_TYPE = "emo"
 ARCHITECTURE = "EmoForCausalLM"
@@ -46,7 +48,7 @@ EXTRA_KEY = "emo_jax"  # config.json key holding the emo_jax config and lineage 
 FORMAT_VERSION = 1
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
-# Reference EMO pool range (EMO_METHOD.md §3: 8..128 with 128 experts) used for a model that
+# Reference EMO pool range (docs/METHOD.md §5: 8..128 with 128 experts) used for a model that
 # carries no emo_jax training settings (a released Hugging Face model).
 _REFERENCE_POOL_MIN = 8
 
@@ -263,9 +265,7 @@ def model_params(model, *, host: bool = True) -> dict:
 
 
 def _abstract_model(config):
-    from emo_jax.model.transformer import Transformer
-
-    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0)))
 
 
 def param_shapes(config) -> dict[str, tuple[int, ...]]:

@@ -1,6 +1,6 @@
 """Autoregressive decoding with a fixed-size KV cache: prefill, jitted one-token steps, sampling.
 
-The cache is a dict of `k`, `v` arrays [L, B, T, K, Dh] in the compute dtype, T fixed when it is
+The cache is a `KVCache` (`k`, `v` arrays [L, B, T, K, Dh] in the compute dtype), T fixed when it is
 made (prompt + new tokens), so every step runs the same compiled program and its cost does not
 grow with the generated length beyond attention over the T cache slots. Rows are independent
 documents that share one prompt length (no padding inside the cache).
@@ -22,13 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emo_jax.model.model_config import ModelConfig
+from emo_jax.model.transformer import KVCache
 
-def init_cache(config, batch: int, length: int) -> dict:
+
+def init_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
     """An empty KV cache of `length` slots for `batch` rows."""
-    m = config.model
-    shape = (m.num_layers, batch, length, m.num_kv_heads, m.head_dim)
-    dt = jnp.dtype(m.compute_dtype)
-    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+    return KVCache.empty(config, batch, length)
 
 
 def sample_token(logits_BV, key, temperature: float, top_p: float):
@@ -47,8 +47,8 @@ def sample_token(logits_BV, key, temperature: float, top_p: float):
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-# Compiled decoders by (config, sampling): models of one config share a graph structure, so a
-# process compiles the prefill and the step once per config, not once per call.
+# Compiled decoders by (model config, sampling): models of one config share a graph structure,
+# so a process compiles the prefill and the step once per config, not once per call.
 _COMPILED = {}
 
 
@@ -58,34 +58,34 @@ class Decoder:
     def __init__(self, model, *, temperature: float = 0.0, top_p: float = 1.0):
         self.config = model.config
         graphdef, self.state = nnx.split(model)
-        key = (model.config.to_json(), float(temperature), float(top_p))
+        key = (model.config, float(temperature), float(top_p))
         if key not in _COMPILED:
             _COMPILED[key] = _build(graphdef, float(temperature), float(top_p))
         self.prefill, self.step = _COMPILED[key]
 
 
 def _build(graphdef, temperature: float, top_p: float):
-    """(prefill, step), jitted, of a graph structure; the cache argument is donated."""
+    """(prefill, step), jitted, of a graph structure; the cache argument is donated.
+
+    Both run the model's one forward with the cache; each returns (next token, its logits, the
+    updated cache, counts_LBR: the routed assignments per layer, row and expert made for the
+    tokens it read).
+    """
     sampling = dict(temperature=temperature, top_p=top_p)
 
     def prefill(state, tokens_BP, cache, expert_mask_LR, key):
-        model = nnx.merge(graphdef, state)
-        positions_BP = jnp.broadcast_to(jnp.arange(tokens_BP.shape[1], dtype=jnp.int32),
-                                        tokens_BP.shape)
-        logits_BPV, cache, counts_LBR = model.decode(tokens_BP, positions_BP, cache, 0,
-                                                     expert_mask_LR=expert_mask_LR,
-                                                     return_counts=True)
-        logits_BV = logits_BPV[:, -1]
-        return sample_token(logits_BV, key, **sampling), logits_BV, cache, counts_LBR
+        out = nnx.merge(graphdef, state)(tokens_BP, cache=cache, cache_index=0,
+                                         expert_mask_LR=expert_mask_LR)
+        logits_BV = out.logits_BSV[:, -1]
+        token_B = sample_token(logits_BV, key, **sampling)
+        return token_B, logits_BV, out.cache, out.routing.counts_BR
 
     def step(state, token_B, position, cache, expert_mask_LR, key):
-        model = nnx.merge(graphdef, state)
-        positions_B1 = jnp.full((token_B.shape[0], 1), position, jnp.int32)
-        logits_B1V, cache, counts_LBR = model.decode(token_B[:, None], positions_B1, cache,
-                                                     position, expert_mask_LR=expert_mask_LR,
-                                                     return_counts=True)
-        logits_BV = logits_B1V[:, 0]
-        return sample_token(logits_BV, key, **sampling), logits_BV, cache, counts_LBR
+        out = nnx.merge(graphdef, state)(token_B[:, None], cache=cache, cache_index=position,
+                                         expert_mask_LR=expert_mask_LR)
+        logits_BV = out.logits_BSV[:, 0]
+        token_B = sample_token(logits_BV, key, **sampling)
+        return token_B, logits_BV, out.cache, out.routing.counts_BR
 
     return (jax.jit(prefill, donate_argnames=("cache",)),
             jax.jit(step, donate_argnames=("cache",)))

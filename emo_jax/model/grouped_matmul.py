@@ -6,7 +6,10 @@ Three implementations of one contract (`grouped_swiglu`), all dropless:
 * 'blocked' (GPU): each expert's rows are padded up to a multiple of `block_size` and laid out
   as blocks; one batched matmul runs every block with its expert's weights, gathered per block.
   The static block count is ceil(A / block) + min(R, A), the worst case, so nothing is ever
-  dropped: work is the routed assignments plus at most one partial block per expert.
+  dropped: work is the routed assignments plus at most one partial block per expert. The
+  per-block weight copies cost NB x D x F per weight (4.4 GB in bf16 for the three weights at
+  A=28672, D=2048, F=1024, block 128); `chunk_blocks` > 0 runs the blocks in rematerialised
+  chunks so only that many copies are live (bench/bench_memory_kernels.py).
 * 'looped' (CPU): a loop over only the blocks in use, each one plain 2-D matmul on a window of
   the sorted rows with its expert's weights read in place, and a hand-written backward pass
   (custom VJP) that accumulates the weight gradients expert by expert. No padded copy of the
@@ -45,8 +48,13 @@ def resolve_impl(impl: str) -> str:
 
 
 def grouped_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, *, impl: str,
-                   block_size: int, compute_dtype=jnp.float32):
+                   block_size: int, compute_dtype=jnp.float32, chunk_blocks: int = 0):
     """y[a] = SwiGLU_{g(a)}(x[a]) for rows sorted by group; rows past sum(group_sizes) give 0.
+
+    chunk_blocks ('blocked' only): run the blocks in chunks of at most this many, one chunk at
+    a time, each chunk's body rematerialised in the backward pass, so at most chunk_blocks
+    per-block weight copies are live (forward and backward); 0 = all blocks at once (one
+    batched matmul, the fastest on small shapes, memory NB x D x F per weight).
 
     Returns (y_AD, rows_processed): rows_processed is the number of rows the expert matmuls
     actually ran on (a scalar), the evidence that the work is not dense over experts.
@@ -62,7 +70,8 @@ def grouped_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, *, imp
         y_AD = jax.lax.ragged_dot(jax.nn.silu(gate_AF) * up_AF, w_down_RFD, group_sizes_R)
         return y_AD, jnp.sum(group_sizes_R)
     if impl == "blocked":
-        return _blocked_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, block_size)
+        return _blocked_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, block_size,
+                               chunk_blocks)
     if impl == "looped":
         bk = int(max(1, min(block_size, x_AD.shape[0])))
         schedule = block_schedule(group_sizes_R, x_AD.shape[0], bk)
@@ -71,11 +80,14 @@ def grouped_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, *, imp
     raise ValueError(f"unknown grouped matmul {impl!r}; valid: {', '.join(IMPLS)}")
 
 
-def _blocked_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, block_size):
+def _blocked_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, block_size,
+                    chunk_blocks=0):
     a, d = x_AD.shape
     bk = int(max(1, min(block_size, a)))
-    schedule = block_schedule(group_sizes_R, a, bk)
-    nb = schedule.expert_N.shape[0]
+    nb = num_blocks(group_sizes_R.shape[0], a, bk)
+    cb = int(chunk_blocks) if 0 < chunk_blocks < nb else nb
+    nb = -(-nb // cb) * cb  # spare blocks fill the last chunk (at most cb - 1 more, zero rows)
+    schedule = block_schedule(group_sizes_R, a, bk, nb)
     sorted_unique = dict(indices_are_sorted=True, unique_indices=True)
 
     # Row a goes to its block's slot: block starts increase strictly, spare blocks included.
@@ -89,14 +101,26 @@ def _blocked_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, block
     # Spare blocks past the last used one take the last expert's weights and zero rows.
     group_N = schedule.expert_N
 
-    def take(w):
-        return jnp.take(w, group_N, axis=0, indices_are_sorted=True, mode="clip")
+    def blocks(x_NBD, group_N):
+        def take(w):
+            return jnp.take(w, group_N, axis=0, indices_are_sorted=True, mode="clip")
 
-    # One batched matmul over all blocks. Measured on XLA:CPU (2 cores, A=16k, D=F=128): 1.7x
-    # faster forward+backward than a lax.scan over the blocks that skipped the spare ones.
-    h_NBF = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", x_NBD, take(w_gate_RDF))) * \
-        jnp.einsum("nbd,ndf->nbf", x_NBD, take(w_up_RDF))
-    y_NBD = jnp.einsum("nbf,nfd->nbd", h_NBF, take(w_down_RFD))
+        h_NBF = jax.nn.silu(jnp.einsum("nbd,ndf->nbf", x_NBD, take(w_gate_RDF))) * \
+            jnp.einsum("nbd,ndf->nbf", x_NBD, take(w_up_RDF))
+        return jnp.einsum("nbf,nfd->nbd", h_NBF, take(w_down_RFD))
+
+    if cb == nb:
+        # One batched matmul over all blocks. Measured on XLA:CPU (2 cores, A=16k, D=F=128):
+        # 1.7x faster forward+backward than a lax.scan over the blocks that skipped the spare
+        # ones. Memory: a [NB, D, F] copy of each weight (and of its gradient).
+        y_NBD = blocks(x_NBD, group_N)
+    else:
+        # Chunks of cb blocks in a loop; the backward pass recomputes each chunk's weight
+        # copies instead of keeping all of them (the weight gradients accumulate across chunks).
+        nc = nb // cb
+        y_CNBD = jax.lax.map(lambda xs: jax.checkpoint(blocks)(*xs),
+                             (x_NBD.reshape(nc, cb, bk, d), group_N.reshape(nc, cb)))
+        y_NBD = y_CNBD.reshape(nb, bk, d)
     y_AD = y_NBD.reshape(nb * bk, d).at[dest_A].get(mode="fill", fill_value=0, **sorted_unique)
     return y_AD, jnp.asarray(nb * bk, jnp.int32)
 
@@ -111,11 +135,18 @@ class BlockSchedule(NamedTuple):
     used: jax.Array
 
 
-def block_schedule(group_sizes_R, a: int, bk: int) -> BlockSchedule:
-    """The blocks of `a` sorted rows in groups of `group_sizes_R`, static worst-case count:
-    every non-empty group wastes at most one partial block, so ceil(a / bk) + min(R, a)."""
+def num_blocks(r: int, a: int, bk: int) -> int:
+    """The static worst-case block count of `a` sorted rows in `r` groups: every non-empty group
+    wastes at most one partial block, so ceil(a / bk) + min(r, a)."""
+    return -(-a // bk) + min(r, a)
+
+
+def block_schedule(group_sizes_R, a: int, bk: int, nb: int | None = None) -> BlockSchedule:
+    """The blocks of `a` sorted rows in groups of `group_sizes_R`, `nb` of them (default and
+    minimum: the worst case, `num_blocks`); blocks past the used ones are spare: they take the
+    last expert and start past the rows, at strictly increasing starts."""
     r = group_sizes_R.shape[0]
-    nb = -(-a // bk) + min(r, a)
+    nb = max(num_blocks(r, a, bk), nb or 0)
     group_end_R = jnp.cumsum(group_sizes_R)
     group_start_R = group_end_R - group_sizes_R
     blocks_R = (group_sizes_R + bk - 1) // bk

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emo_jax.model.model_config import ModelConfig
+
 # A finite "minus infinity": exp() of it is exactly 0, and it never produces NaN in softmax.
 NEG_INF = -1e30
 
@@ -64,7 +66,7 @@ def segment_causal_mask(segment_ids_BS):
 class Attention(nnx.Module):
     """Multi-head (or grouped-query) attention, causal and confined to one document segment."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, h, kv, dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         std = cfg.init_std
         self.wq = param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), std)
@@ -76,19 +78,21 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
 
-    def __call__(self, x_BSD, segment_ids_BS, positions_BS):
-        q_BSHDh, k_BSKDh, v_BSKDh = self._qkv(x_BSD, positions_BS)
-        mask_B1SS = segment_causal_mask(segment_ids_BS)
-        return self._out(attend(q_BSHDh, k_BSKDh, v_BSKDh, mask_B1SS))
+    def __call__(self, x_BSD, segment_ids_BS, positions_BS, kv_cache=None):
+        """Attention output [B, S, D], and the updated (cache_k, cache_v) when given a cache.
 
-    def decode(self, x_BSD, positions_BS, cache_k_BTKDh, cache_v_BTKDh, start):
-        """Attention of S new tokens (one document per row, at cache slots start..start+S-1)
-        over a fixed-size KV cache of T slots: returns (out_BSD, cache_k, cache_v).
-
-        Slot t holds the key of position t, so query position p sees slots 0..p. The cache never
-        grows (T is fixed when it is made), so a decoding step costs the same at every length.
+        Without a cache: causal attention confined to each segment (packed documents never see
+        each other; segment id 0 is padding). With `kv_cache = (cache_k_BTKDh, cache_v_BTKDh,
+        start)`: every row is one document whose tokens 0..start-1 are already in the cache;
+        the S new tokens are written to slots start..start+S-1 and attend to slots 0..position.
+        The cache never grows (T is fixed when it is made), so a decoding step costs the same at
+        every length.
         """
         q_BSHDh, k_BSKDh, v_BSKDh = self._qkv(x_BSD, positions_BS)
+        if kv_cache is None:
+            mask_B1SS = segment_causal_mask(segment_ids_BS)
+            return self._out(attend(q_BSHDh, k_BSKDh, v_BSKDh, mask_B1SS)), None
+        cache_k_BTKDh, cache_v_BTKDh, start = kv_cache
         at = (0, start, 0, 0)
         cache_k_BTKDh = jax.lax.dynamic_update_slice(
             cache_k_BTKDh, k_BSKDh.astype(cache_k_BTKDh.dtype), at)
@@ -98,7 +102,7 @@ class Attention(nnx.Module):
         mask_B1ST = (slots_T <= positions_BS[:, :, None])[:, None]
         out_BSHDh = attend(q_BSHDh, cache_k_BTKDh.astype(q_BSHDh.dtype),
                            cache_v_BTKDh.astype(q_BSHDh.dtype), mask_B1ST)
-        return self._out(out_BSHDh), cache_k_BTKDh, cache_v_BTKDh
+        return self._out(out_BSHDh), (cache_k_BTKDh, cache_v_BTKDh)
 
     def _qkv(self, x_BSD, positions_BS):
         """Queries, keys and values in the compute dtype, normed (qk_norm) and rotated."""

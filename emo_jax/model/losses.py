@@ -21,13 +21,20 @@ def next_token_targets(tokens_BS, segment_ids_BS):
     return targets_BS, mask_BS
 
 
+def token_cross_entropy(logits_XV, targets_X):
+    """(loss_X, lse_X), float32: -log softmax(logits)[target] and logsumexp(logits) per position
+    (any leading shape X). The one dense implementation of the token cross-entropy."""
+    logits_XV = logits_XV.astype(jnp.float32)
+    lse_X = jax.nn.logsumexp(logits_XV, axis=-1)
+    target_logit_X = jnp.take_along_axis(logits_XV, targets_X[..., None], axis=-1)[..., 0]
+    return lse_X - target_logit_X, lse_X
+
+
 def cross_entropy_sums(logits_BSV, targets_BS, mask_BS):
     """(sum of masked token losses, sum of output z terms, number of predicted tokens), float32."""
-    logits_BSV = logits_BSV.astype(jnp.float32)
-    lse_BS = jax.nn.logsumexp(logits_BSV, axis=-1)
-    target_logit_BS = jnp.take_along_axis(logits_BSV, targets_BS[..., None], axis=-1)[..., 0]
+    loss_BS, lse_BS = token_cross_entropy(logits_BSV, targets_BS)
     maskf_BS = mask_BS.astype(jnp.float32)
-    return (jnp.sum((lse_BS - target_logit_BS) * maskf_BS),
+    return (jnp.sum(loss_BS * maskf_BS),
             jnp.sum(jnp.square(lse_BS) * maskf_BS),
             jnp.sum(maskf_BS))
 

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 
-from emo_jax.model import moe as local_moe  # a module reference: moe.py imports this module
+from emo_jax.model import experts
 from emo_jax.model import routing
 from emo_jax.model.grouped_matmul import grouped_swiglu
 
@@ -170,7 +170,7 @@ def routed_experts(x_TD, expert_idx_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down
         wg, wu, wd = (_gather_within_expert_shard(w, s, mesh)
                       for w, s in zip((wg, wu, wd), weight_specs))
         if mode == "local":
-            y_TD, rows = local_moe.dispatch_local(x_TD, idx_TK, w_TK, wg, wu, wd, **kwargs)
+            y_TD, rows = experts.dispatch_local(x_TD, idx_TK, w_TK, wg, wu, wd, **kwargs)
             dropped = jnp.zeros((), jnp.int32)
         elif mode == "capacity":
             y_TD, rows, dropped = capacity_dispatch(x_TD, idx_TK, w_TK, wg, wu, wd, ep=ep,
@@ -200,7 +200,7 @@ def capacity_slots(expert_idx_TK, weights_TK, num_experts: int, cap: int):
     expert_A = expert_idx_TK.reshape(-1)
     live_A = weights_TK.reshape(-1) > 0
     # A stable sort by expert keeps the slot order; a row's slot is its rank within its group.
-    order_A, group_sizes_E = local_moe.sort_assignments(expert_idx_TK, weights_TK, num_experts)
+    order_A, group_sizes_E = experts.sort_assignments(expert_idx_TK, weights_TK, num_experts)
     start_E = _exclusive_cumsum(group_sizes_E)
     slot_sorted_A = jnp.arange(t * k, dtype=jnp.int32) - start_E[
         jnp.minimum(expert_A[order_A], num_experts - 1)]
@@ -238,7 +238,7 @@ def capacity_dispatch(x_TD, expert_idx_TK, weights_TK, w_gate_EDF, w_up_EDF, w_d
     # [El, S*C, D] einsum would compute too.
     live_SJC = jnp.arange(cap)[None, None, :] < recv_kept_SJ[:, :, None]
     local_expert_SJC = jnp.broadcast_to(jnp.arange(el)[None, :, None], (ep, el, cap))
-    y_ND, rows = local_moe.dispatch_local(
+    y_ND, rows = experts.dispatch_local(
         recv_SJCD.reshape(-1, d), local_expert_SJC.reshape(-1, 1),
         live_SJC.reshape(-1, 1).astype(jnp.float32), w_gate_EDF, w_up_EDF, w_down_EFD,
         impl=impl, block_size=block_size, compute_dtype=compute_dtype)
@@ -303,7 +303,7 @@ def ragged_dispatch(x_TD, expert_idx_TK, weights_TK, w_gate_EDF, w_up_EDF, w_dow
     dt = jnp.dtype(compute_dtype)
     me = jax.lax.axis_index(EXPERT_AXIS)
 
-    order_A, mine_E = local_moe.sort_assignments(expert_idx_TK, weights_TK, e)
+    order_A, mine_E = experts.sort_assignments(expert_idx_TK, weights_TK, e)
     x_AD = x_TD.astype(dt)[order_A // k]  # live rows first, by expert; dead rows last (not sent)
     counts_SE = jax.lax.all_gather(mine_E, EXPERT_AXIS)
 

@@ -1,5 +1,5 @@
 """EMO routing as pure functions over arrays: router probabilities, document pools, top-k, and the
-per-row statistics the balance and z-losses are formed from (EMO_METHOD.md section 1).
+per-row statistics the balance and z-losses are formed from (docs/METHOD.md section 3).
 
 No Flax and no meshes in here, so every step of the method can be tested on hand-made inputs.
 The standard MoE is the same path with `pool_size_BN=None` (no pool).
@@ -29,6 +29,7 @@ class Routing(NamedTuple):
     z_sums_B: jax.Array  # float32 sum over real tokens of logsumexp(masked logits)^2
     pool_sums_B: jax.Array  # float32 sum over the row's segments of their pool size
     segments_B: jax.Array  # float32 number of segments in the row
+    probs_BSR: jax.Array  # float32 softmax over the allowed experts; 0 elsewhere, at padding
 
 
 def sample_pool_sizes(key, batch: int, slots: int, pool_min: int, pool_max: int):
@@ -83,7 +84,7 @@ def top_p_mask(mass_BNR, p_BN):
 
 
 def route(logits_BSR, segment_ids_BS, top_k: int, pool_size_BN=None, expert_mask_R=None):
-    """Routes every token: optional document pool, masked softmax, top-k (EMO_METHOD.md §1).
+    """Routes every token: optional document pool, masked softmax, top-k (docs/METHOD.md §3).
 
     Args:
       logits_BSR: float32 router logits.
@@ -130,6 +131,7 @@ def route(logits_BSR, segment_ids_BS, top_k: int, pool_size_BN=None, expert_mask
         z_sums_B=jnp.sum(jnp.where(real_BS, jnp.square(lse_BS), 0.0), -1),
         pool_sums_B=pool_sums_B.astype(jnp.float32),
         segments_B=segments_B.astype(jnp.float32),
+        probs_BSR=scores_BSR,
     )
 
 

@@ -20,6 +20,7 @@ import math
 import jax
 from flax import nnx
 
+from emo_jax.model.model_config import ModelConfig
 from emo_jax.model.transformer import Transformer
 
 
@@ -27,14 +28,15 @@ def _count(tree) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
-def summarize(config) -> dict:
-    """Figures of the model a config describes: parameter counts, FLOPs, bytes (float32)."""
+def summarize(config: ModelConfig, seq_len: int) -> dict:
+    """Figures of a model trained on rows of `seq_len` tokens: parameter counts, FLOPs, bytes
+    (float32)."""
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     params = nnx.state(abstract, nnx.Param)
-    m, e = config.model, config.moe
+    m = e = config
     blocks = params["blocks"]
     moe = blocks["moe"]
-    routed = e.num_experts - e.num_shared_experts
+    routed = config.routed_experts
     total = _count(params)
     embedding = _count(params["embed"]) + _count(params["head"])
     head = _count(params["head"])
@@ -43,7 +45,7 @@ def summarize(config) -> dict:
     non_embedding = total - embedding
     active = non_embedding - expert_params + per_routed_expert * e.top_k * m.num_layers
     flops = (6 * (active + head)
-             + 6 * m.num_layers * m.num_heads * m.head_dim * config.data.seq_len)
+             + 6 * m.num_layers * m.num_heads * m.head_dim * seq_len)
     return {
         "total_params": total,
         "embedding_params": embedding,

@@ -1,16 +1,30 @@
 """The EMO language model: token embedding, N scanned pre-norm blocks (attention + MoE), final
-RMSNorm and an untied output head. Returns float32 logits and per-layer routing statistics.
+RMSNorm and an untied output head.
 
-Blocks are created with `nnx.vmap` (parameters stacked on a leading layer axis) and run with
-`nnx.scan`, so compile time does not grow with depth. Pool sizes are drawn from an explicit PRNG
-key per call: training passes `pool_key`; evaluation passes none and gets the config's fixed
-`moe.eval_pool` (0 = plain top-k, as the reference serves the model).
+`Transformer.__call__` is the one forward. Training, evaluation, expert selection, analysis and
+generation all run it; they differ only in what they pass:
+
+  pool_key        training: document-pool sizes are drawn from this PRNG key (moe.pool='document')
+  pool_size_LBN   explicit pool sizes (tests, analysis); without either, evaluation routing
+                  (`moe.eval_pool`; 0 = plain top-k, as the reference serves the model)
+  use_eval_pool   False: routing as served (plain top-k) even where moe.eval_pool is set
+  expert_mask_LR  bool [L, R]: only these routed experts exist (a subset applied by masking)
+  cache           a KVCache: incremental decoding (one document per row, no pool)
+  capture         names of per-layer intermediates to return (`emo_jax.model.moe.CAPTURES`)
+  logits=False    return the final-normed hidden states instead of the logits (a caller that
+                  fuses the output head with its loss)
+
+It returns a `ModelOutput`: logits, a typed per-layer `RoutingStats`, the captured
+intermediates and the updated cache. Blocks are created with `nnx.vmap` (parameters stacked on a
+leading layer axis) and run with `nnx.scan`, so compile time does not grow with depth.
 
 Glossary: B rows, S positions, D d_model, V vocabulary, L layers, R routed experts, N segment
-slots per row (= S).
+slots per row (= S), T cache slots, K key/value heads, Dh head dim.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +32,8 @@ from flax import nnx
 
 from emo_jax.model import routing
 from emo_jax.model.layers import Attention, RMSNorm, param
-from emo_jax.model.moe import MoE
+from emo_jax.model.model_config import ModelConfig
+from emo_jax.model.moe import CAPTURES, MoE, RoutingStats
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -26,117 +41,132 @@ _REMAT_POLICIES = {
 }
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer for T fixed slots: [L, B, T, K, Dh] in the compute dtype."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, length: int) -> "KVCache":
+        shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+        dt = jnp.dtype(config.compute_dtype)
+        return cls(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModelOutput:
+    """What the forward returns; per-layer arrays carry a leading [L] axis."""
+
+    logits_BSV: jax.Array | None  # float32 (None when called with logits=False)
+    routing: RoutingStats  # per layer and row
+    captured: dict  # the requested intermediates, e.g. 'router_probs_BSR' -> [L, B, S, R]
+    cache: KVCache | None = None  # the updated cache when one was given
+    hidden_BSD: jax.Array | None = None  # final-normed hidden states (logits=False)
+
+
 class Block(nnx.Module):
     """h = x + Attn(RMSNorm(x)); out = h + MoE(RMSNorm(h))."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
-        m = config.model
-        self.attn_norm = RMSNorm(m.d_model, m.norm_eps)
-        self.attn = Attention(m, rngs=rngs)
-        self.moe_norm = RMSNorm(m.d_model, m.norm_eps)
-        self.moe = MoE(m, config.moe, rngs=rngs, rules=config.mesh.rules)
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config, rngs=rngs)
+        self.moe_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.moe = MoE(config, rngs=rngs)
 
     def __call__(self, x_BSD, segment_ids_BS, positions_BS, pool_size_BN, expert_mask_R,
-                 assignments: bool = False):
-        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), segment_ids_BS, positions_BS)
-        y_BSD, stats = self.moe(self.moe_norm(h_BSD), segment_ids_BS, pool_size_BN, expert_mask_R,
-                                assignments=assignments)
-        return h_BSD + y_BSD, stats
-
-    def decode(self, x_BSD, positions_BS, cache_k, cache_v, start, expert_mask_R):
-        """The block on new tokens with a KV cache (no pool): (out_BSD, cache_k, cache_v,
-        counts_BR: the routed assignments per expert of each row's new tokens)."""
-        a_BSD, cache_k, cache_v = self.attn.decode(self.attn_norm(x_BSD), positions_BS, cache_k,
-                                                   cache_v, start)
+                 kv_cache=None, capture: tuple[str, ...] = ()):
+        """(out_BSD, RoutingStats, captured dict, updated (cache_k, cache_v) or None)."""
+        a_BSD, new_kv = self.attn(self.attn_norm(x_BSD), segment_ids_BS, positions_BS, kv_cache)
         h_BSD = x_BSD + a_BSD
-        real_BS = jnp.ones(positions_BS.shape, jnp.int32)
-        y_BSD, stats = self.moe(self.moe_norm(h_BSD), real_BS, None, expert_mask_R)
-        return h_BSD + y_BSD, cache_k, cache_v, stats["counts"]
+        y_BSD, stats, captured = self.moe(self.moe_norm(h_BSD), segment_ids_BS, pool_size_BN,
+                                          expert_mask_R, capture=capture)
+        out_BSD = h_BSD + y_BSD
+        if "expert_contrib" in capture:
+            h_BSD32, out_BSD32 = h_BSD.astype(jnp.float32), out_BSD.astype(jnp.float32)
+            cos_BS = jnp.sum(h_BSD32 * out_BSD32, -1) / jnp.maximum(
+                jnp.linalg.norm(h_BSD32, axis=-1) * jnp.linalg.norm(out_BSD32, axis=-1), 1e-30)
+            captured["moe_turn_BS"] = 1.0 - cos_BS
+        return out_BSD, stats, captured, new_kv
 
 
 class Transformer(nnx.Module):
-    """Decoder-only EMO MoE language model, configured by the `model.*` and `moe.*` keys."""
+    """Decoder-only EMO MoE language model of one `ModelConfig`."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
-        m = config.model
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        if not isinstance(config, ModelConfig):
+            raise TypeError("Transformer takes a ModelConfig; build one from a run config with "
+                            "ModelConfig.from_config(config)")
         self.config = config
-        self.embed = param(rngs, (m.vocab_size, m.d_model), ("vocab", "embed"), m.init_std)
+        self.embed = param(rngs, (config.vocab_size, config.d_model), ("vocab", "embed"),
+                           config.init_std)
 
-        @nnx.split_rngs(splits=m.num_layers)
+        @nnx.split_rngs(splits=config.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_blocks(rngs):
             return Block(config, rngs=rngs)
 
         self.blocks = make_blocks(rngs)
-        self.final_norm = RMSNorm(m.d_model, m.norm_eps)
-        self.head = param(rngs, (m.d_model, m.vocab_size), ("embed", "vocab"), m.init_std)
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.head = param(rngs, (config.d_model, config.vocab_size), ("embed", "vocab"),
+                          config.init_std)
 
     def pool_sizes(self, batch: int, seq: int, pool_key):
         """[L, B, N] int32 pool sizes, or None when no pool applies."""
-        moe, layers = self.config.moe, self.config.model.num_layers
-        if pool_key is not None and moe.pool == "document":
-            keys = jax.random.split(pool_key, layers)
+        c = self.config
+        if pool_key is not None and c.pool == "document":
+            keys = jax.random.split(pool_key, c.num_layers)
             return jax.vmap(lambda k: routing.sample_pool_sizes(
-                k, batch, seq, moe.pool_min, moe.pool_max))(keys)
-        if pool_key is None and moe.eval_pool > 0:
-            return jnp.full((layers, batch, seq), moe.eval_pool, jnp.int32)
+                k, batch, seq, c.pool_min, c.pool_max))(keys)
+        if pool_key is None and c.eval_pool > 0:
+            return jnp.full((c.num_layers, batch, seq), c.eval_pool, jnp.int32)
         return None
 
-    def __call__(self, tokens_BS, segment_ids_BS, positions_BS, *, pool_key=None,
-                 expert_mask_LR=None, pool_size_LBN=None, assignments: bool = False):
-        """Logits [B, S, V] (float32) and stats: dict of per-layer arrays ([L, B, R], [L, B], [L]).
-
-        pool_key: PRNG key for training-time pool sizes (None = evaluation).
-        expert_mask_LR: optional bool [L, R]: only these routed experts exist (subset by masking).
-        pool_size_LBN: explicit pool sizes (tests, analysis); overrides pool_key.
-        assignments: stats also hold `expert_idx_BSK` [L, B, S, K] (see MoE.__call__).
-        """
+    def __call__(self, tokens_BS, segment_ids_BS=None, positions_BS=None, *, pool_key=None,
+                 pool_size_LBN=None, expert_mask_LR=None, cache: KVCache | None = None,
+                 cache_index=0, use_eval_pool: bool = True, capture: tuple[str, ...] = (),
+                 logits: bool = True) -> ModelOutput:
+        """The forward (module docstring). segment_ids_BS None: every token is real and each row
+        is one document; positions_BS None: 0..S-1 (+ cache_index with a cache). With a cache,
+        the S new tokens go to slots cache_index..cache_index+S-1 and routing has no pool."""
+        unknown = set(capture) - set(CAPTURES)
+        if unknown:
+            raise ValueError(f"unknown capture {sorted(unknown)}; valid: {', '.join(CAPTURES)}")
         b, s = tokens_BS.shape
-        m = self.config.model
-        if pool_size_LBN is None:
+        if segment_ids_BS is None:
+            segment_ids_BS = jnp.ones((b, s), jnp.int32)
+        if positions_BS is None:
+            positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32) + cache_index, (b, s))
+        if pool_size_LBN is None and cache is None and (use_eval_pool or pool_key is not None):
             pool_size_LBN = self.pool_sizes(b, s, pool_key)
-        x_BSD = self.embed[...][tokens_BS]
-        per_layer = {"pool_size_BN": pool_size_LBN, "expert_mask_R": expert_mask_LR}
+        per_layer = {"pool_size_BN": pool_size_LBN, "expert_mask_R": expert_mask_LR,
+                     "k": None if cache is None else cache.k,
+                     "v": None if cache is None else cache.v}
+        capture = tuple(capture)
 
-        def body(x_BSD, block, layer_inputs):
-            return block(x_BSD, segment_ids_BS, positions_BS, layer_inputs["pool_size_BN"],
-                         layer_inputs["expert_mask_R"], assignments)
+        def body(x_BSD, block, layer):
+            kv = None if layer["k"] is None else (layer["k"], layer["v"], cache_index)
+            x_BSD, stats, captured, new_kv = block(
+                x_BSD, segment_ids_BS, positions_BS, layer["pool_size_BN"],
+                layer["expert_mask_R"], kv, capture)
+            return x_BSD, (stats, captured, new_kv)
 
-        if m.remat != "none":
-            body = nnx.remat(body, policy=_REMAT_POLICIES[m.remat])
+        if self.config.remat != "none":
+            body = nnx.remat(body, policy=_REMAT_POLICIES[self.config.remat])
         scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
-        x_BSD, stats = scan(x_BSD, self.blocks, per_layer)
-        return self.logits(x_BSD), stats
+        x_BSD = self.embed[...][tokens_BS]
+        x_BSD, (stats, captured, new_kv) = scan(x_BSD, self.blocks, per_layer)
+        new_cache = None if new_kv is None else KVCache(*new_kv)
+        if not logits:
+            return ModelOutput(None, stats, captured, new_cache, self.final_norm(x_BSD))
+        return ModelOutput(self.logits(x_BSD), stats, captured, new_cache)
 
     def logits(self, x_BSD):
         """Final RMSNorm and output head: float32 logits [B, S, V]."""
         x_BSD = self.final_norm(x_BSD)
-        dt = jnp.dtype(self.config.model.compute_dtype)
+        dt = jnp.dtype(self.config.compute_dtype)
         logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD.astype(dt), self.head[...].astype(dt))
         return logits_BSV.astype(jnp.float32)
-
-    def decode(self, tokens_BS, positions_BS, cache, start, *, expert_mask_LR=None,
-               return_counts: bool = False):
-        """Logits of S new tokens per row given a KV cache; returns (logits_BSV, new cache),
-        and with `return_counts` also float32 counts_LBR: the routed assignments per layer,
-        row and expert made for the new tokens (request logs).
-
-        Every row is one document whose tokens 0..start-1 are already in `cache` (a dict of
-        `k`, `v` arrays [L, B, T, K, Dh]: see emo_jax/model/decode.py); the new tokens go to
-        slots start..start+S-1. Inference routing: plain top-k, no pool; `expert_mask_LR`
-        restricts the experts as in __call__.
-        """
-        x_BSD = self.embed[...][tokens_BS]
-        per_layer = {"k": cache["k"], "v": cache["v"], "expert_mask_R": expert_mask_LR}
-
-        def body(x_BSD, block, layer):
-            x_BSD, k, v, counts_BR = block.decode(x_BSD, positions_BS, layer["k"], layer["v"],
-                                                  start, layer["expert_mask_R"])
-            return x_BSD, {"k": k, "v": v, "counts": counts_BR}
-
-        scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
-        x_BSD, out = scan(x_BSD, self.blocks, per_layer)
-        cache = {"k": out["k"], "v": out["v"]}
-        if return_counts:
-            return self.logits(x_BSD), cache, out["counts"]
-        return self.logits(x_BSD), cache

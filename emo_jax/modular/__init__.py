@@ -1,4 +1,4 @@
-"""Modular use of a trained EMO model: keep only the experts a task needs (EMO_METHOD.md §4).
+"""Modular use of a trained EMO model: keep only the experts a task needs (docs/METHOD.md §8).
 
   subset.py    the subset file (kept routed experts per layer, method, data, model shape):
                load / validate / save / compose, and refusal of another model's subset

@@ -18,7 +18,7 @@
   documents.npz        the same per clustered document
   report.md            a short report that embeds the pictures
 
-Clustering (EMO_METHOD.md §4), at two levels through one pipeline:
+Clustering (docs/METHOD.md §8.4), at two levels through one pipeline:
 
   tokens     the router softmax of the first `first_tokens` tokens of each document, all layers
              concatenated ([L*R] per token)
@@ -48,8 +48,10 @@ import os
 
 import numpy as np
 
-from emo_jax.modular.probe import Probe
 from emo_jax.modular import runtime
+from emo_jax.modular.probe import Probe
+from emo_jax.modular.select import top_experts
+from emo_jax.modular.subset import check_keep
 
 UNLABELLED = "(none)"
 
@@ -67,27 +69,26 @@ def domain_usage(model, docs, tokenizer, *, seq_len: int, batch_size: int = 8):
     labels = domains_of(docs)
     names = sorted(set(labels))
     domain_of_doc = np.asarray([names.index(d) for d in labels])
-    m, e = model.config.model, model.config.moe
-    routed = e.num_experts - e.num_shared_experts
-    usage = np.zeros((len(names), m.num_layers, routed))
+    usage = np.zeros((len(names), model.config.num_layers, model.config.routed_experts))
     mass = np.zeros_like(usage)
     tokens = np.zeros(len(names))
-    probe = Probe(model, token_probs=True)
+    probe = Probe(model, token_probs=True, assignments=True)
     for batch in runtime.document_batches(docs, tokenizer, seq_len, batch_size):
-        probs_LBSR = probe(batch)["probs_LBSR"]
+        out = probe(batch)
         real_BS = batch["segment_ids"] != 0
         dom_T = domain_of_doc[batch["document_ids"][real_BS]]
-        probs_LTR = probs_LBSR[:, real_BS].astype(np.float64)
-        # Top-k of the plain softmax (ties: lower id), as the router picks them.
-        top_LTK = np.argsort(-probs_LTR, axis=-1, kind="stable")[..., :e.top_k]
+        probs_LTR = out["probs_LBSR"][:, real_BS].astype(np.float64)
+        idx_LTK = out["expert_idx_LBSK"][:, real_BS]  # the router's picks, -1 = none
         for d in range(len(names)):
             sel = dom_T == d
             if not sel.any():
                 continue
             tokens[d] += sel.sum()
             mass[d] += probs_LTR[:, sel].sum(1)
-            for layer in range(m.num_layers):
-                usage[d, layer] += np.bincount(top_LTK[layer, sel].ravel(), minlength=routed)
+            for layer in range(model.config.num_layers):
+                picks = idx_LTK[layer, sel].ravel()
+                usage[d, layer] += np.bincount(picks[picks >= 0],
+                                               minlength=model.config.routed_experts)
     return names, usage, mass, tokens
 
 
@@ -113,8 +114,7 @@ def token_features(model, docs, tokenizer, *, first_tokens: int = 100, batch_siz
 def document_features(model, docs, tokenizer, *, max_tokens: int, batch_size: int = 8):
     """(features [M, L*R], document index [M]): for every document with at least one token, the
     mean router softmax over its first `max_tokens` tokens, all layers concatenated."""
-    m, e = model.config.model, model.config.moe
-    sums_NF = np.zeros((len(docs), m.num_layers * (e.num_experts - e.num_shared_experts)))
+    sums_NF = np.zeros((len(docs), model.config.num_layers * model.config.routed_experts))
     counts_N = np.zeros(len(docs))
     for probs_TF, owners_T in _leading_token_probs(model, docs, tokenizer, max_tokens,
                                                    batch_size):
@@ -128,8 +128,6 @@ def document_features(model, docs, tokenizer, *, max_tokens: int, batch_size: in
 def jaccard_matrix(mass, keep_routed: int) -> np.ndarray:
     """[Dom, Dom]: Jaccard overlap of the per-domain top-`keep_routed` experts, mean over
     layers (mass: [Dom, L, R] router mass per domain)."""
-    from emo_jax.modular.select import top_experts  # pylint: disable=g-import-not-at-top
-
     n_dom, layers, _ = mass.shape
     kept = [[set(top_experts(mass[d, layer], keep_routed)) for layer in range(layers)]
             for d in range(n_dom)]
@@ -146,6 +144,7 @@ def jaccard_matrix(mass, keep_routed: int) -> np.ndarray:
 
 def embed_tokens(features_NF, pca_dims: int = 50, seed: int = 0) -> np.ndarray:
     """Mean-centre, PCA to `pca_dims` (at most what the data allows), L2-normalise."""
+    # Deferred: scikit-learn is heavy to import and only the clustering analysis needs it.
     from sklearn.decomposition import PCA  # pylint: disable=g-import-not-at-top
 
     centred = features_NF - features_NF.mean(0, keepdims=True)
@@ -157,6 +156,7 @@ def embed_tokens(features_NF, pca_dims: int = 50, seed: int = 0) -> np.ndarray:
 def spherical_kmeans(x_ND, k: int, *, seed: int = 0, n_init: int = 4, max_iter: int = 100):
     """(labels [N], unit centroids [k, D]) maximising the summed cosine similarity of unit
     vectors to their centroid; k is clamped to the number of points."""
+    # Deferred: scikit-learn is heavy to import and only the clustering analysis needs it.
     from sklearn.cluster import kmeans_plusplus  # pylint: disable=g-import-not-at-top
 
     k = max(1, min(k, x_ND.shape[0]))
@@ -189,6 +189,7 @@ def _unit(x):
 
 def purity(labels_true, labels_pred) -> float:
     """Share of points whose cluster's most common true label is their own."""
+    # Deferred: scikit-learn is heavy to import and only the clustering analysis needs it.
     from sklearn.metrics.cluster import contingency_matrix  # pylint: disable=g-import-not-at-top
 
     table = contingency_matrix(labels_true, labels_pred)
@@ -197,6 +198,7 @@ def purity(labels_true, labels_pred) -> float:
 
 def nmi(labels_true, labels_pred) -> float:
     """Normalised mutual information (arithmetic mean of the entropies), scikit-learn's."""
+    # Deferred: scikit-learn is heavy to import and only the clustering analysis needs it.
     from sklearn.metrics import normalized_mutual_info_score  # pylint: disable=g-import-not-at-top
 
     return float(normalized_mutual_info_score(labels_true, labels_pred))
@@ -231,6 +233,7 @@ def cluster_points(features_NF, owners_N, labels, names, k: int, *, pca_dims: in
 
 
 def _pyplot():
+    # Deferred: matplotlib is heavy to import, and its backend must be chosen before pyplot.
     import matplotlib  # pylint: disable=g-import-not-at-top
 
     matplotlib.use("Agg")
@@ -298,20 +301,18 @@ def plot_clusters(path, emb_ND, domain_N, names, cluster_N, seed: int = 0, *,
 # ---------------------------------------------------------------------------- the report
 
 
-def analyze(model, docs, out_dir: str, *, tokenizer=None, clusters: int = 32,
+def analyze(model, config, docs, out_dir: str, *, tokenizer=None, clusters: int = 32,
             keep: int | None = None, first_tokens: int = 100, pca_dims: int = 50,
             doc_clusters: int | None = None, doc_tokens: int | None = None,
             seed: int = 0, batch_size: int = 8, source: str = "") -> dict:
     """Writes the analysis files of `docs` ({'text', 'domain'} dicts) into `out_dir`; returns
-    the summary that analysis.json holds. `doc_clusters` defaults to the number of domains,
-    `doc_tokens` to the model's `data.seq_len` (module docstring)."""
-    config = model.config
+    the summary that analysis.json holds. `config` is the model's run config (its tokenizer
+    and `data.seq_len`). `doc_clusters` defaults to the number of domains, `doc_tokens` to
+    `data.seq_len` (module docstring)."""
     tokenizer = tokenizer or runtime.tokenizer_of(config)
     e = config.moe
     routed = e.num_experts - e.num_shared_experts
     keep = keep or max(e.num_shared_experts + 1, e.num_experts // 4)
-    from emo_jax.modular.subset import check_keep  # pylint: disable=g-import-not-at-top
-
     check_keep(keep, config)
     os.makedirs(out_dir, exist_ok=True)
 

@@ -23,6 +23,7 @@ from absl import logging
 from flax import nnx
 
 from emo_jax.config import validate
+from emo_jax.model.model_config import ModelConfig
 from emo_jax.model.transformer import Transformer
 from emo_jax.modular import subset as subset_lib
 
@@ -50,12 +51,12 @@ def extracted_config(config, keep: int) -> ml_collections.ConfigDict:
     return validate(out)
 
 
-def extract(model, subset: subset_lib.Subset):
-    """(small model, its config, report): the model restricted to the subset's experts.
+def extract(model, config, subset: subset_lib.Subset):
+    """(small model, its config, report): the model (of run config `config`) restricted to the
+    subset's experts.
 
     report: params/bytes before and after, the experts kept per layer, and the removed share.
     """
-    config = model.config
     subset.check_model(config, model)
     small_config = extracted_config(config, subset.keep)
     idx_LK = jnp.asarray(np.asarray(subset.layers, np.int32))
@@ -67,7 +68,7 @@ def extract(model, subset: subset_lib.Subset):
     moe["router"] = jnp.take_along_axis(moe["router"], idx_LK[:, None, :], axis=2)
 
     graphdef, state = nnx.split(nnx.eval_shape(
-        lambda: Transformer(small_config, rngs=nnx.Rngs(0))))
+        lambda: Transformer(ModelConfig.from_config(small_config), rngs=nnx.Rngs(0))))
     nnx.replace_by_pure_dict(state, pure)
     small = nnx.merge(graphdef, state)
     before, after = param_stats(model), param_stats(small)

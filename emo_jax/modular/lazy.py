@@ -5,7 +5,7 @@ zarr array (zarr v2 by default, v3 if Orbax wrote it so) stored in one OCDBT key
 under the key of its tree path joined by '.' (`blocks.moe.w_gate`). `ParamsReader` opens those
 arrays with TensorStore and reads index ranges of them, e.g. rows `[l, kept_ids]` of an expert
 stack, so only the chunks holding those rows are fetched and decoded. emo_jax writes expert
-stacks one expert per chunk (`checkpoint.param_save_args`); a checkpoint written with bigger
+stacks one expert per chunk (`model_files.param_save_args`); a checkpoint written with bigger
 chunks still reads correctly, but every read decodes whole chunks (the report says so).
 
 `write_params` writes a model directory array by array, block by block (a layer, or a few MiB
@@ -40,9 +40,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 import tensorstore as ts
+from absl import logging
 
+from emo_jax import model_files
 from emo_jax.modular import subset as subset_lib
-from emo_jax.train import checkpoint as ckpt_lib
+from emo_jax.modular.extract import extracted_config
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")  # [L, R, ...]: routed expert axis 1
 ROUTER = "router"  # [L, D, R]: routed expert axis 2
@@ -92,11 +94,11 @@ class ParamsReader:
     """
 
     def __init__(self, path: str, step: int | None = None):
-        self.params_dir, saved_config, self.metadata = ckpt_lib.locate_params(path, step)
-        self.config = ckpt_lib.config_from_dict(saved_config)
+        self.params_dir, saved_config, self.metadata = model_files.locate_params(path, step)
+        self.config = model_files.config_from_dict(saved_config)
         meta_path = os.path.join(self.params_dir, "_METADATA")
         if not os.path.isfile(meta_path):
-            raise ckpt_lib.CheckpointError(f"{self.params_dir} has no Orbax _METADATA file; "
+            raise model_files.CheckpointError(f"{self.params_dir} has no Orbax _METADATA file; "
                                            "is it an emo_jax checkpoint?")
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -111,7 +113,7 @@ class ParamsReader:
         """The TensorStore of one array (opened once; reading it is what costs)."""
         if name not in self._arrays:
             if name not in self.names:
-                raise ckpt_lib.CheckpointError(f"{self.params_dir} holds no array {name!r}")
+                raise model_files.CheckpointError(f"{self.params_dir} holds no array {name!r}")
             kvstore = _kvstore(self.params_dir, name.replace("/", "."), self.use_ocdbt)
             spec = {"driver": self.driver, "kvstore": kvstore, "recheck_cached_data": False,
                     "recheck_cached_metadata": False}
@@ -169,12 +171,12 @@ class ArrayPlan:
 
 
 def chunks_for(name: str, shape: tuple, dtype) -> tuple:
-    """The chunk shape emo_jax stores an array with (as `checkpoint.param_save_args`): one expert
+    """The chunk shape emo_jax stores an array with (as `model_files.param_save_args`): one expert
     of one layer for expert stacks, one layer for the other block arrays, else rows of at most
     BLOCK_BYTES."""
     parts = name.split("/")
     if parts[0] == "blocks":
-        if parts[-1] in ckpt_lib.EXPERT_STACKS:
+        if parts[-1] in model_files.EXPERT_STACKS:
             return (1, 1) + tuple(shape[2:])
         return (1,) + tuple(shape[1:])
     row = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
@@ -226,18 +228,18 @@ def write_params(path: str, plans: dict, config, metadata: dict | None = None) -
     every array block by block (module docstring). An existing `path` is refused."""
     path = os.path.abspath(path)
     if os.path.exists(path):
-        raise ckpt_lib.CheckpointError(f"{path} exists; choose another path")
+        raise model_files.CheckpointError(f"{path} exists; choose another path")
     staging = path + ".staging"
     if os.path.exists(staging):
         shutil.rmtree(staging)  # an earlier interrupted write: never a complete model
     placeholders = {name: np.zeros((1,) * len(plan.shape), plan.dtype)
                     for name, plan in plans.items()}
-    ckpt_lib.save_params(staging, nest(placeholders), config, metadata)
+    model_files.save_params(staging, nest(placeholders), config, metadata)
     params_dir = os.path.join(staging, "params")
     with open(os.path.join(params_dir, "_METADATA"), encoding="utf-8") as f:
         if json.load(f).get("use_zarr3") or not os.path.isfile(
                 os.path.join(params_dir, "manifest.ocdbt")):
-            raise ckpt_lib.CheckpointError("streamed writes need Orbax's zarr v2 + OCDBT layout")
+            raise model_files.CheckpointError("streamed writes need Orbax's zarr v2 + OCDBT layout")
     context = _context()
     for name, plan in plans.items():
         kvstore = _kvstore(params_dir, name.replace("/", "."), True)
@@ -297,10 +299,6 @@ def extract_lazy(checkpoint: str, subset: subset_lib.Subset, out: str, *,
     `checkpoint_bytes` (all arrays of the checkpoint), `experts_per_chunk` (of the input's
     stored chunks), `dtypes`, `seconds`, `peak_rss_bytes` (of this process, all it did).
     """
-    from absl import logging
-
-    from emo_jax.modular.extract import extracted_config
-
     start = time.perf_counter()
     reader = ParamsReader(checkpoint, step)
     config = reader.config

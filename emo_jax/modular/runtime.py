@@ -2,7 +2,7 @@
 
 The tools (select, extract, analyze, generate) run a model on one device: `load_model` restores
 any checkpoint `restore_model` accepts (training workdir, checkpoints/<step>, model directory)
-onto a one-device mesh. Text becomes batches in the format of DESIGN.md (`tokens`,
+onto a one-device mesh. Text becomes batches in the format of docs/METHOD.md §7 (`tokens`,
 `segment_ids`, `positions`, int32 [B, S]) through the data package's packer, so a document is
 seen exactly as evaluation sees it (ending in eos, split into segments of at most seq_len).
 """
@@ -14,13 +14,12 @@ import numpy as np
 from jax.sharding import AxisType
 
 from emo_jax import parallel
+from emo_jax.model_files import restore_model
 from emo_jax.data import DataError, make_tokenizer, pack_documents, read_documents
 
 
 def load_model(path: str, step: int | None = None):
     """(model, config, metadata) of a checkpoint, parameters on the first device."""
-    from emo_jax.train.checkpoint import restore_model  # pylint: disable=g-import-not-at-top
-
     mesh = jax.make_mesh((1, 1, 1), parallel.MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                          devices=jax.devices()[:1])
     return restore_model(path, step=step, mesh=mesh)

@@ -1,4 +1,4 @@
-"""Choosing a subset of experts for a task from a little calibration text (EMO_METHOD.md §4).
+"""Choosing a subset of experts for a task from a little calibration text (docs/METHOD.md §8.1).
 
 Every method scores the R routed experts of each layer and keeps the K - S best (ties: the lower
 id), plus the S shared experts, which are always kept:
@@ -62,12 +62,11 @@ def easy_ep(probe: Probe, batches) -> np.ndarray:
 
 def layerwise(probe: Probe, batches, count: int):
     """(kept ids per layer, [L, R] scores): greedy, layer l scored with layers < l pruned."""
-    m = probe.config.model
-    routed = probe.config.moe.num_experts - probe.config.moe.num_shared_experts
-    mask_LR = np.ones((m.num_layers, routed), bool)
-    scores_LR = np.zeros((m.num_layers, routed))
+    layers, routed = probe.config.num_layers, probe.config.routed_experts
+    mask_LR = np.ones((layers, routed), bool)
+    scores_LR = np.zeros((layers, routed))
     kept = []
-    for layer in range(m.num_layers):
+    for layer in range(layers):
         scores_LR[layer] = router_mass(probe, batches, mask_LR)[layer]
         kept.append(top_experts(scores_LR[layer], count))
         mask_LR[layer] = False
@@ -82,9 +81,8 @@ def scores_for(method: str, model, batches, *, seed: int = 0):
     if method == "easy_ep":
         return easy_ep(Probe(model, easy_ep=True), batches)
     if method == "random":
-        e = model.config.moe
         return np.random.default_rng(seed).random(
-            (model.config.model.num_layers, e.num_experts - e.num_shared_experts))
+            (model.config.num_layers, model.config.routed_experts))
     raise subset_lib.SubsetError(f"unknown selection method {method!r}; valid: "
                                  f"{', '.join(METHODS)}")
 
@@ -101,7 +99,7 @@ def select(model, batches, keep: int, method: str = "layerwise", *, seed: int = 
     if method not in METHODS:
         raise subset_lib.SubsetError(f"unknown selection method {method!r}; valid: "
                                      f"{', '.join(METHODS)}")
-    count = keep - config.moe.num_shared_experts
+    count = keep - config.num_shared_experts
     data = dict(data or {})
     data["tokens"] = int(sum(np.count_nonzero(b["segment_ids"]) for b in batches))
     if method == "layerwise":

@@ -11,9 +11,11 @@ count of an extracted model) the run adopts.
 
 Run the same command on every host of a pod (see launch/). Rerunning it resumes from the newest
 checkpoint in DIR. A bad config key or value, a missing file, or a checkpoint of another model
-shape ends the run with one line on stderr (exit status 2); a preempted run (SIGTERM/SIGINT)
-saves a checkpoint and exits with 128 + the signal number; a run stopped by too many non-finite
-steps exits with 3.
+shape, a --workdir that is a file ends the run with one line on stderr (exit status 2); a
+preempted run (SIGTERM/SIGINT) saves a checkpoint and exits with 128 + the signal number (143
+for SIGTERM, 130 for SIGINT); stopped that way before the first step, it saves nothing, says so
+in one line and exits with the same status; a run stopped by too many non-finite steps exits
+with 3. A run that fails or is stopped before its first step leaves no workdir it created.
 
 This file only parses flags; the work is `emo_jax.train.loop.train_and_evaluate`.
 """
@@ -27,6 +29,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from emo_jax.cli import fail, initialize_distributed, parse_flags, quiet_logging
+from emo_jax.config import ConfigError, validate
+from emo_jax.data.sources import DataError
+from emo_jax.model_files import CheckpointError
+from emo_jax.train.loop import StoppedBeforeStart, TrainingError, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py), optionally with ':ARG' for get_config(ARG).",
@@ -46,11 +52,6 @@ def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     quiet_logging()
-    from emo_jax.config import ConfigError, validate
-    from emo_jax.data.sources import DataError
-    from emo_jax.train.checkpoint import CheckpointError
-    from emo_jax.train.loop import TrainingError, train_and_evaluate
-
     try:
         config = validate(_CONFIG.value)
         initialize_distributed()
@@ -60,6 +61,11 @@ def main(argv):
         fail(str(err))
     except TrainingError as err:
         fail(str(err), status=3)
+    except StoppedBeforeStart as stop:
+        removed = (f"; removed the workdir {stop.removed_workdir} that it had created"
+                   if stop.removed_workdir else "")
+        fail(f"{signal.Signals(stop.signum).name} received before the first training step: "
+             f"stopped; nothing was saved{removed}", status=128 + stop.signum)
     if result["preempted"]:
         sys.exit(128 + signal.Signals[result["preempted"]].value)
 

@@ -21,7 +21,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from emo_jax import parallel
 from emo_jax.config import ConfigError
+from emo_jax.data import packing
+from emo_jax.data.pipeline import make_train_iterator
 
 
 def _allgather_json(obj) -> list:
@@ -43,17 +46,15 @@ class DataFeed:
 
     def __init__(self, config, *, num_shards: int | None = None, rows: tuple[int, int] | None = None):
         """num_shards: D (default: the process count); rows: [lo, hi) of the global batch this
-        process feeds (default: its contiguous block, `parallel.process_rows`)."""
-        from emo_jax.data.pipeline import make_train_iterator
-
+        process feeds (default: its contiguous block, `parallel.host_rows`)."""
         self.num_shards = num_shards or jax.process_count()
         b = config.data.batch_size
         if b % self.num_shards:
             raise ConfigError(f"data.batch_size ({b}) must be divisible by the {self.num_shards} "
                               f"data shards (the processes of the run's first launch)")
         if rows is None:
-            per_process = b // jax.process_count()
-            rows = (jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+            block = parallel.host_rows(b)
+            rows = (block.start, block.stop)
         lo, hi = rows
         per_shard = b // self.num_shards
         self.shards = list(range(lo // per_shard, (hi - 1) // per_shard + 1))
@@ -82,6 +83,16 @@ class DataFeed:
             raise RuntimeError(f"data shards {missing} are read by no process")
         return {"num_shards": self.num_shards,
                 "shards": [merged[str(s)] for s in range(self.num_shards)]}
+
+    def data_stats(self) -> tuple[dict, str | None]:
+        """(document, token and bad-record counts, 'REASON at WHERE' of a recent bad record)
+        of this process's shards so far (`emo_jax.data.packing.data_stats`; no collective)."""
+        totals, latest = {}, None
+        for it in self.iterators.values():
+            for name, count in packing.data_stats(it).items():
+                totals[name] = totals.get(name, 0) + count
+            latest = packing.latest_bad_record(it) or latest
+        return totals, latest
 
     def set_state(self, state: dict):
         if state["num_shards"] != self.num_shards:

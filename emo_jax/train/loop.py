@@ -12,6 +12,9 @@ One call trains from wherever the workdir stands to `train.steps`:
 SIGTERM/SIGINT (preemption) set a flag; at the next step boundary every process agrees to
 stop, a checkpoint of the current step is saved and waited for, and the call returns with
 `preempted` set (the CLI exits 128 + signal number). Rerunning the same command resumes.
+Before the loop starts (data, state, restore; one process) a signal raises StoppedBeforeStart
+at once: nothing is saved. A run that fails or is stopped before its first step removes the
+workdir if it created it (nothing in it but what that run wrote, and never a checkpoint).
 
 A step whose loss or gradient is not finite is skipped by the step itself; here it is
 reported, and `train.max_bad_steps` of them in a row stop the run with `TrainingError` without
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import time
 import zlib
@@ -36,8 +40,12 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from emo_jax import parallel
-from emo_jax.config import validate
+from emo_jax import model_files, parallel
+from emo_jax.config import ConfigError, validate
+from emo_jax.data.pipeline import make_eval_batches
+from emo_jax.data.tokenizers import check_vocab, make_tokenizer
+from emo_jax.model.summary import summarize
+from emo_jax.model.model_config import ModelConfig
 from emo_jax.train import checkpoint as ckpt_lib
 from emo_jax.train import metrics as metrics_lib
 from emo_jax.train import modules
@@ -47,6 +55,16 @@ from emo_jax.train.feed import DataFeed
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); one clear sentence."""
+
+
+class StoppedBeforeStart(BaseException):
+    """SIGTERM/SIGINT arrived before the first step (one process): nothing was saved. A
+    BaseException, like KeyboardInterrupt, so that no library's `except Exception` eats it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.removed_workdir = None  # the workdir this run had created and then removed
 
 
 class _SignalFlag:
@@ -62,6 +80,7 @@ class _SignalFlag:
 
     def __init__(self, enabled: bool):
         self.signum = None
+        self.started = False  # set when the loop starts stepping; before, a signal stops at once
         self.previous = {}
         self.multi = jax.process_count() > 1
         if not enabled:
@@ -74,8 +93,11 @@ class _SignalFlag:
                 pass
 
     def _handle(self, signum, frame):
+        if not self.started and not self.multi:  # startup: nothing to save, stop now
+            raise StoppedBeforeStart(signum)
         if self.signum is not None:
-            signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
+            signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM
+                          else signal.default_int_handler)
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
@@ -117,7 +139,7 @@ def _write_config(workdir: str, config):
 def _init_params_from(path: str, state, config):
     """Replaces the model parameters of a fresh state by those of a checkpoint or model dir."""
     target = nnx.to_pure_dict(state["model"])
-    pure, _, meta = ckpt_lib.load_params(path, target, config)
+    pure, _, meta = model_files.load_params(path, target, config)
     nnx.replace_by_pure_dict(state["model"], pure)
     return meta
 
@@ -144,12 +166,8 @@ def _process_rows(config, mesh) -> tuple[int, int]:
 class _Run:
     """One call of train_and_evaluate: the state, the data, the writers, and the loop."""
 
-    def __init__(self, config, workdir: str, init_checkpoint: str | None, stack,
+    def __init__(self, config, workdir: str, init_checkpoint: str | None, stack, flag,
                  trainable=None, train_router: str | None = None):
-        from emo_jax.data.pipeline import make_eval_batches
-        from emo_jax.data.tokenizers import check_vocab, make_tokenizer
-        from emo_jax.model.summary import summarize
-
         self.config = config
         check_vocab(make_tokenizer(config.data.tokenizer), config.model.vocab_size)
         self.mesh = mesh = parallel.make_mesh(config)
@@ -158,8 +176,12 @@ class _Run:
         rows = _process_rows(config, mesh)
         self.workdir = os.path.abspath(workdir)
         if jax.process_index() == 0:
-            os.makedirs(self.workdir, exist_ok=True)
-        self.summary = summarize(config)
+            try:
+                os.makedirs(self.workdir, exist_ok=True)
+            except OSError as err:
+                raise ConfigError(f"workdir '{workdir}' cannot be created: "
+                                  f"{err.strerror or err}") from None
+        self.summary = summarize(ModelConfig.from_config(config), config.data.seq_len)
         self.checkpointer = ckpt_lib.Checkpointer(self.workdir, config)
         stack.callback(self.checkpointer.close)
         self.trainable = modules.for_run(self.workdir, trainable, train_router, config,
@@ -226,9 +248,10 @@ class _Run:
         self.eval_step = step_lib.make_eval_step(config, model_graphdef, self.shardings["model"],
                                                  mesh)
         self.eval_batches = make_eval_batches(config, max_batches=config.train.eval_batches)
-        self.flag = _SignalFlag(config.checkpoint.save_on_signal)
-        stack.callback(self.flag.restore)
+        self.flag = flag
         self.pending = None  # (step, device metrics, crc) of the newest dispatched step, unread
+        self.stepped = False  # the first step's metrics have been read
+        self.bad_reported = (0, -float("inf"))  # (bad records reported, time of the report)
         self.result = {"step": self.start, "loss": None, "eval_loss": None, "skipped_steps": 0,
                        "preempted": None, "resumed_from": self.resumed_from}
 
@@ -250,6 +273,7 @@ class _Run:
             return
         step_number, device_metrics, crc = self.pending
         self.pending = None
+        self.stepped = True
         flat = metrics_lib.flatten(jax.device_get(device_metrics))
         flat["data_crc32"] = crc  # of process 0's rows: same data <=> same checksum
         flat.update(self.throughput.update(step_number))
@@ -260,6 +284,8 @@ class _Run:
                                 f"({skipped} skipped so far)")
         if (step_number % self.config.train.log_every == 0 or step_number == self.total
                 or not flat["step_ok"] or step_number == self.start + 1):
+            if self.writer.active:
+                flat["skipped_records"] = self.report_bad_records(step_number)
             self.writer.write(step_number, flat)
         bad = int(flat["bad_steps_in_a_row"])
         if bad >= self.config.train.max_bad_steps:
@@ -268,6 +294,22 @@ class _Run:
                 f"gradient (train.max_bad_steps = {self.config.train.max_bad_steps}); stopped "
                 f"without saving; the newest checkpoint ({self.checkpointer.latest_step()}) is "
                 f"the last good one")
+
+    def report_bad_records(self, step_number: int, *, final: bool = False) -> int:
+        """Bad data records skipped so far by this process's shards; a console line when there
+        are new ones (at most one a minute, and one at the end of the run)."""
+        stats, latest = self.feed.data_stats()
+        total = int(stats.get("bad_records", 0))
+        now = time.monotonic()
+        if total > self.bad_reported[0] and (final or now - self.bad_reported[1] >= 60):
+            reasons = ", ".join(f"{k[4:]} {v}" for k, v in sorted(stats.items())
+                                if k.startswith("bad_") and k != "bad_records" and v)
+            self.writer.message(
+                f"step {step_number}: skipped {total - self.bad_reported[0]} bad data records "
+                f"({total} so far: {reasons}); latest: {latest} (data.on_bad_record='skip'; "
+                "counted in metrics.jsonl as skipped_records)")
+            self.bad_reported = (total, now)
+        return total
 
     def preempted(self, step_number: int, signum: int) -> dict:
         self.flush()
@@ -282,12 +324,13 @@ class _Run:
 
     def run(self) -> dict:
         config, every = self.config, self.config.train.eval_every
+        self.flag.started = True  # from here a signal checkpoints at the next step boundary
         if jax.process_count() > 1 and self.start < self.total:
             # Compile first, then wait for every process: a host that compiles slowly would
             # otherwise keep the others waiting in the first collective (gloo gives up after
             # 30 s; seen on a loaded CPU machine).
             self.train_step.compile(self.state)
-            ckpt_lib.barrier("emo_jax_train_step_compiled")
+            parallel.barrier("emo_jax_train_step_compiled")
         for step_number in range(self.start + 1, self.total + 1):
             host_batch = self.feed.next()
             crc = zlib.crc32(np.ascontiguousarray(host_batch["tokens"]).tobytes())
@@ -313,9 +356,11 @@ class _Run:
             self.writer.message(f"already trained to step {self.start} (train.steps = "
                                 f"{self.total}) in {self.workdir}")
         self.checkpointer.wait()
+        skipped_records = self.report_bad_records(self.total, final=True)
         self.writer.event(self.total, event="done", loss=self.result["loss"],
                           eval_loss=self.result["eval_loss"],
-                          skipped_steps=self.result["skipped_steps"])
+                          skipped_steps=self.result["skipped_steps"],
+                          skipped_records=skipped_records)
         self.result["step"] = max(self.start, self.total)
         return self.result
 
@@ -324,7 +369,7 @@ def train_and_evaluate(config, workdir: str, *, init_checkpoint: str | None = No
                        trainable=None, train_router: str | None = None) -> dict:
     """Trains to `config.train.steps` in `workdir` (resuming if it holds checkpoints).
 
-    init_checkpoint: start from its parameters; its model shape (`checkpoint.ADOPTED_KEYS`,
+    init_checkpoint: start from its parameters; its model shape (`model_files.ADOPTED_KEYS`,
     e.g. the expert count of an extracted model) replaces the config's, with a logged note.
     trainable: a subset file (or Subset): module fine-tuning, only its experts train
     (emo_jax/train/modules.py; train_router 'rows' (default), 'all' or 'none').
@@ -334,7 +379,31 @@ def train_and_evaluate(config, workdir: str, *, init_checkpoint: str | None = No
     mistakes: one sentence each) or TrainingError.
     """
     validate(config)
-    if init_checkpoint:
-        config = ckpt_lib.adopt_shape(config, init_checkpoint)
-    with contextlib.ExitStack() as stack:
-        return _Run(config, workdir, init_checkpoint, stack, trainable, train_router).run()
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"workdir '{workdir}' is a file, not a directory; give a new or an "
+                          "existing directory")
+    created = jax.process_index() == 0 and not os.path.lexists(workdir)
+    flag = _SignalFlag(config.checkpoint.save_on_signal)
+    run = None
+    try:
+        if init_checkpoint:
+            config = model_files.adopt_shape(config, init_checkpoint)
+        with contextlib.ExitStack() as stack:
+            run = _Run(config, workdir, init_checkpoint, stack, flag, trainable, train_router)
+            return run.run()
+    except BaseException as err:
+        if created and (run is None or not run.stepped) and _remove_new_workdir(workdir):
+            if isinstance(err, StoppedBeforeStart):
+                err.removed_workdir = workdir
+        raise
+    finally:
+        flag.restore()
+
+
+def _remove_new_workdir(workdir: str) -> bool:
+    """Removes the workdir a run created and then failed in before its first step (it holds
+    nothing but that run's config.json, start event and empty logs); never a checkpoint."""
+    if os.path.isdir(workdir) and not ckpt_lib.has_checkpoints(workdir):
+        shutil.rmtree(workdir, ignore_errors=True)
+        return not os.path.exists(workdir)
+    return False

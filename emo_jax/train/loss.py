@@ -39,10 +39,11 @@ def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None
         Metrics `cross_entropy`, `output_z_loss`, `router_z_loss` are then such shares too.
     """
     m, moe, t = config.model, config.moe, config.train
-    logits_BSV, stats = model(batch["tokens"], batch["segment_ids"], batch["positions"],
-                              pool_key=pool_key, expert_mask_LR=expert_mask_LR)
+    out = model(batch["tokens"], batch["segment_ids"], batch["positions"], pool_key=pool_key,
+                expert_mask_LR=expert_mask_LR)
+    stats = out.routing
     targets_BS, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"])
-    ce_sum, out_z_sum, n_pred = losses.cross_entropy_sums(logits_BSV, targets_BS, mask_BS)
+    ce_sum, out_z_sum, n_pred = losses.cross_entropy_sums(out.logits_BSV, targets_BS, mask_BS)
     denom = jnp.maximum(n_pred if step_predicted is None else step_predicted, 1.0)
     ce, output_z = ce_sum / denom, out_z_sum / denom
 
@@ -51,14 +52,14 @@ def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None
         # Global balance across micro-batches: R * sum_e f_e(step) * probsum_e(micro) / T(step).
         num_routed = step_counts_LR.shape[-1]
         f_LR = step_counts_LR / (moe.top_k * jnp.maximum(step_tokens_L, 1.0)[:, None])
-        p_LR = stats["prob_sums"].sum(1) / jnp.maximum(step_tokens_L, 1.0)[:, None]
+        p_LR = stats.prob_sums_BR.sum(1) / jnp.maximum(step_tokens_L, 1.0)[:, None]
         balance_L = num_routed * jnp.sum(jax.lax.stop_gradient(f_LR) * p_LR, -1)
     else:
         balance_L = losses.balance_loss_per_layer(
-            stats["counts"], stats["prob_sums"], stats["tokens"], moe.top_k,
+            stats.counts_BR, stats.prob_sums_BR, stats.tokens_B, moe.top_k,
             moe.balance_scope, num_shards)
-    z_tokens_LB = stats["tokens"] if step_predicted is None else step_tokens_L[:, None]
-    router_z_L = losses.router_z_loss_per_layer(stats["z_sums"], z_tokens_LB)
+    z_tokens_LB = stats.tokens_B if step_predicted is None else step_tokens_L[:, None]
+    router_z_L = losses.router_z_loss_per_layer(stats.z_sums_B, z_tokens_LB)
 
     balance = jnp.sum(balance_L) * (moe.balance_weight / layers)
     router_z = jnp.sum(router_z_L) * (moe.router_z_weight / layers)
@@ -67,7 +68,7 @@ def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None
     token_scale = loss_scale if step_predicted is None else 1.0
     loss = token_scale * (ce + t.output_z_weight * output_z + router_z) + balance
 
-    counts_LR = stats["counts"].sum(1)
+    counts_LR = stats.counts_BR.sum(1)
     mean_load_L = jnp.maximum(counts_LR.mean(-1), 1e-9)
     metrics = {
         "loss": loss,
@@ -78,10 +79,10 @@ def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None
         "output_z_loss": output_z,
         "max_load_ratio_L": counts_LR.max(-1) / mean_load_L,
         "unused_experts_L": jnp.sum(counts_LR == 0, -1).astype(jnp.float32),
-        "mean_pool_size": stats["pool_sums"].sum() / jnp.maximum(stats["segments"].sum(), 1.0),
-        "dropped_tokens": stats["dropped"].sum(),
-        "expert_rows": stats["rows_processed"].sum(),
+        "mean_pool_size": stats.pool_sums_B.sum() / jnp.maximum(stats.segments_B.sum(), 1.0),
+        "dropped_tokens": stats.dropped.sum(),
+        "expert_rows": stats.rows_processed.sum(),
         "counts_LR": counts_LR,
-        "tokens_L": stats["tokens"].sum(1),
+        "tokens_L": stats.tokens_B.sum(1),
     }
     return loss, metrics

@@ -7,7 +7,8 @@ waits for logging.
 What is written, per logged step (`train.log_every`; every step's record goes to metrics.jsonl
 when log_every is 1):
   loss, cross_entropy, balance_loss, router_z_loss, output_z_loss, learning_rate, grad_norm,
-  mean_pool_size, dropped_tokens, skipped_steps, step_ok;
+  mean_pool_size, dropped_tokens, skipped_steps, step_ok, skipped_records (bad data records
+  skipped so far by process 0's data shards: the whole stream on one host);
   per layer (lists in JSONL, `name/layer_i` in TensorBoard): max_load_ratio (max/mean expert
   load), unused_experts (experts with no assignment in the step);
   throughput: tokens_per_s (all B x S positions, padding included: the compute spent),
@@ -128,7 +129,7 @@ class MetricWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-        try:
+        try:  # deferred: optional at run time (see below), and only process 0 writes
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -179,6 +180,8 @@ class MetricWriter:
             parts.append(f"mfu {100 * metrics['mfu']:.1f}%")
         if metrics.get("skipped_steps"):
             parts.append(f"skipped {int(metrics['skipped_steps'])}")
+        if metrics.get("skipped_records"):
+            parts.append(f"bad records {int(metrics['skipped_records'])}")
         parts.append(f"eta {_fmt_time(eta)}")
         if self.tty:
             width = 24

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emo_jax import subset_file
 from emo_jax.config import ConfigError
 
 ROUTER_MODES = ("rows", "all", "none")
@@ -64,7 +65,7 @@ class Trainable:
 
 
 def make_trainable(subset, config, train_router: str = "rows") -> Trainable:
-    """A Trainable from a Subset (emo_jax.modular.subset) of the model `config` describes."""
+    """A Trainable from a Subset (emo_jax/subset_file.py) of the model `config` describes."""
     if train_router not in ROUTER_MODES:
         raise ConfigError(f"--train_router={train_router!r}; valid: {', '.join(ROUTER_MODES)}")
     subset.check_model(config, where="the --trainable subset")
@@ -166,8 +167,6 @@ def for_run(workdir: str, trainable, train_router: str | None, config,
             resuming: bool) -> Trainable | None:
     """The Trainable of a run: from --trainable (a subset path or Subset) and --train_router,
     checked against what the workdir records (module docstring). None: full training."""
-    from emo_jax.modular import subset as subset_lib
-
     record_path = os.path.join(workdir, RECORD)
     recorded = None
     if resuming and os.path.isfile(record_path):
@@ -178,16 +177,16 @@ def for_run(workdir: str, trainable, train_router: str | None, config,
     if trainable is None:
         if recorded is None:
             return None
-        return make_trainable(subset_lib.from_json(recorded["subset"], where=record_path),
+        return make_trainable(subset_file.from_json(recorded["subset"], where=record_path),
                               config, recorded["train_router"])
-    subset = subset_lib.load(trainable) if isinstance(trainable, str) else trainable
+    subset = subset_file.load(trainable) if isinstance(trainable, str) else trainable
     wanted = make_trainable(subset, config, train_router or "rows")
     if resuming and recorded is None:
         raise ConfigError(f"{workdir} holds checkpoints of a run that trains every parameter; "
                           "--trainable cannot change it: use a new --workdir (with "
                           "--init_checkpoint) for module fine-tuning")
     if recorded is not None:
-        before = make_trainable(subset_lib.from_json(recorded["subset"], where=record_path),
+        before = make_trainable(subset_file.from_json(recorded["subset"], where=record_path),
                                 config, recorded["train_router"])
         if before != wanted:
             raise ConfigError(f"{workdir} fine-tunes other experts or another router mode "

@@ -1,7 +1,7 @@
 """The optimiser from the `train.*` keys: AdamW with a warm-up + decay (+ anneal) learning-rate
 schedule, weight decay masked off embeddings and norms, and global-norm gradient clipping.
 
-The schedule, over `train.steps` optimiser steps (EMO_METHOD.md §3):
+The schedule, over `train.steps` optimiser steps (the reference recipe: docs/METHOD.md §5):
 
     warm-up   linear 0 -> lr over `warmup_steps`
     decay     `schedule`: 'cosine' or 'linear' from lr to lr * final_lr_fraction, or 'constant'

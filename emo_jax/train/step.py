@@ -34,6 +34,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from emo_jax import parallel
 from emo_jax.model import losses
+from emo_jax.config import routed_experts
+from emo_jax.model.model_config import ModelConfig
 from emo_jax.model.transformer import Transformer
 from emo_jax.train import modules
 from emo_jax.train import optimizer as optim
@@ -54,7 +56,7 @@ class TrainState(nnx.Module):
         """trainable: a modules.Trainable for module fine-tuning (only those expert rows get an
         optimizer, `self.rows`), or None: every parameter trains."""
         seed = config.train.seed
-        self.model = Transformer(config, rngs=nnx.Rngs(seed))
+        self.model = Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(seed))
         tx = tx or optim.make_optimizer(config)
         if trainable is None:
             self.optimizer = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
@@ -144,11 +146,10 @@ def loss_and_grads(model_graphdef, params, batch, config, step_key, num_shards: 
             mb, key = inputs
             # Fresh Variables at this trace level (nnx refuses ones from the outer trace).
             model = nnx.merge(model_graphdef, jax.tree.map(lambda x: x, to_model(params)))
-            _, stats = model(mb["tokens"], mb["segment_ids"], mb["positions"], pool_key=key)
-            return total_LR + stats["counts"].sum(1), None
+            out = model(mb["tokens"], mb["segment_ids"], mb["positions"], pool_key=key)
+            return total_LR + out.routing.counts_BR.sum(1), None
 
-        zeros_LR = jnp.zeros((config.model.num_layers,
-                              config.moe.num_experts - config.moe.num_shared_experts), jnp.float32)
+        zeros_LR = jnp.zeros((config.model.num_layers, routed_experts(config)), jnp.float32)
         counts_LR, _ = jax.lax.scan(count_one, zeros_LR, (micro, keys))
         extra["step_counts_LR"] = jax.lax.stop_gradient(counts_LR)
 
@@ -166,8 +167,22 @@ def loss_and_grads(model_graphdef, params, batch, config, step_key, num_shards: 
     return losses_M.sum(), _load_metrics(metrics), grads
 
 
-def _select(ok, new, old):
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+def _update_if(ok, optimizer, trained, grads):
+    """`optimizer.update(trained, grads)` only when `ok`, under `lax.cond`.
+
+    A skipped step leaves the parameters and the whole optimiser state (Adam moments, counts)
+    bit-identical: the false branch returns them untouched. Unlike an update followed by a
+    select between the new and the old values, no second copy of the parameters and the
+    optimiser state is kept alive (the cond's outputs alias its donated inputs).
+    """
+    graphdef, state = nnx.split((optimizer, trained))
+
+    def apply(state, grads):
+        opt, model = nnx.merge(graphdef, state)
+        opt.update(model, grads)
+        return nnx.state((opt, model))
+
+    nnx.update((optimizer, trained), jax.lax.cond(ok, apply, lambda s, _: s, state, grads))
 
 
 def make_train_step(config, graphdef, shardings, mesh):
@@ -192,8 +207,6 @@ def make_train_step(config, graphdef, shardings, mesh):
 
             def to_model(rows):
                 return modules.merged(frozen, rows, idx_LK)
-        old_params = jax.tree.map(lambda x: x, params)
-        old_opt = jax.tree.map(lambda x: x, nnx.state(ts.optimizer))
         step_key = jax.random.fold_in(ts.rng[...], ts.step[...])
         loss, metrics, grads = loss_and_grads(model_graphdef, params, batch, config, step_key,
                                               num_shards, mesh, to_model)
@@ -204,9 +217,7 @@ def make_train_step(config, graphdef, shardings, mesh):
         grad_norm = optim.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         lr = schedule(ts.optimizer.step[...])
-        ts.optimizer.update(trained, grads)
-        nnx.update(trained, _select(ok, nnx.state(trained, nnx.Param), old_params))
-        nnx.update(ts.optimizer, _select(ok, nnx.state(ts.optimizer), old_opt))
+        _update_if(ok, ts.optimizer, trained, grads)
         if to_model is not None:
             nnx.update(ts.model, to_model(nnx.state(ts.rows, nnx.Param)))
         ts.step[...] = ts.step[...] + 1
@@ -244,14 +255,12 @@ def eval_sums(model, batch, config, expert_mask_LR=None):
     Returns dict of float32 [B]: `ce_sum` (summed token cross-entropy) and `predicted`
     (tokens predicted), so any grouping of rows (per domain) averages exactly.
     """
-    logits_BSV, _ = model(batch["tokens"], batch["segment_ids"], batch["positions"],
-                          pool_key=None, expert_mask_LR=expert_mask_LR)
+    out = model(batch["tokens"], batch["segment_ids"], batch["positions"], pool_key=None,
+                expert_mask_LR=expert_mask_LR)
     targets_BS, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"])
-    logits_BSV = logits_BSV.astype(jnp.float32)
-    lse_BS = jax.nn.logsumexp(logits_BSV, axis=-1)
-    target_BS = jnp.take_along_axis(logits_BSV, targets_BS[..., None], axis=-1)[..., 0]
+    loss_BS, _ = losses.token_cross_entropy(out.logits_BSV, targets_BS)
     maskf_BS = mask_BS.astype(jnp.float32)
-    return {"ce_sum": jnp.sum((lse_BS - target_BS) * maskf_BS, -1),
+    return {"ce_sum": jnp.sum(loss_BS * maskf_BS, -1),
             "predicted": jnp.sum(maskf_BS, -1)}
 
 

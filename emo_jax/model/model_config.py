@@ -1,0 +1,75 @@
+"""The model's own configuration: a frozen, typed view of the `model.*` and `moe.*` keys plus the
+parameter layout (`mesh.rules`), built once from a run config.
+
+Everything under `emo_jax/model/` takes a `ModelConfig` and nothing else, so the model does not
+see training, data or checkpoint settings, and a jitted program keyed on it recompiles only when
+the model itself changes. It is hashable (usable as a static argument and as a cache key).
+Keys are defined, documented and validated in `emo_jax/config.py`; this class only reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def _section(name: str):
+    return dataclasses.field(metadata={"section": name})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and compute settings of one EMO Transformer (meanings: emo_jax/config.py)."""
+
+    vocab_size: int = _section("model")
+    d_model: int = _section("model")
+    num_layers: int = _section("model")
+    num_heads: int = _section("model")
+    num_kv_heads: int = _section("model")
+    head_dim: int = _section("model")
+    rope_theta: float = _section("model")
+    norm_eps: float = _section("model")
+    qk_norm: bool = _section("model")
+    init_std: float = _section("model")
+    compute_dtype: str = _section("model")
+    remat: str = _section("model")
+
+    num_experts: int = _section("moe")
+    num_shared_experts: int = _section("moe")
+    top_k: int = _section("moe")
+    expert_hidden: int = _section("moe")
+    pool: str = _section("moe")
+    pool_min: int = _section("moe")
+    pool_max: int = _section("moe")
+    eval_pool: int = _section("moe")
+    grouped_matmul: str = _section("moe")
+    block_size: int = _section("moe")
+    dispatch: str = _section("moe")
+    capacity_factor: float = _section("moe")
+
+    # Logical parameter axis -> mesh axes ('' replicated, 'a,b' several), sorted: `mesh.rules`.
+    sharding_rules: tuple[tuple[str, str], ...] = (("expert", "expert"),)
+
+    @property
+    def routed_experts(self) -> int:
+        """R: experts chosen by the router (the shared ones excluded)."""
+        return self.num_experts - self.num_shared_experts
+
+    @classmethod
+    def from_config(cls, config) -> "ModelConfig":
+        """The model settings of a run config (an ml_collections.ConfigDict)."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            section = field.metadata.get("section")
+            if section is not None:
+                values[field.name] = config[section][field.name]
+        values["sharding_rules"] = tuple(sorted(
+            (str(k), str(v)) for k, v in dict(config.mesh.rules).items()))
+        return cls(**values)
+
+    @classmethod
+    def of(cls, config) -> "ModelConfig":
+        """`config` itself if it is a ModelConfig, else the model settings of a run config."""
+        return config if isinstance(config, cls) else cls.from_config(config)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,433 @@
+"""The on-disk model format, and reading a model's parameters from any emo_jax checkpoint.
+
+Standalone model directory (`save_model`; what the extract, convert and compose tools write):
+
+    MODEL/
+      params/                       Orbax PyTree (OCDBT) of the model's pure dict
+                                    (`nnx.to_pure_dict`), e.g. blocks/moe/w_gate; arrays of the
+                                    stacked blocks chunked one layer per chunk and the expert
+                                    stacks one expert of one layer per chunk (`param_save_args`),
+                                    so single experts can be read
+      config.json                   the full config (`ConfigDict.to_json`)
+      metadata.json                 {"format": "emo_jax.model", "format_version": 1, "step",
+                                     "summary": {...}, ...caller's metadata}
+
+A training workdir (emo_jax/train/checkpoint.py) holds the same params tree in every
+`checkpoints/<step>/params/` item, next to `meta/` (JSON: step, config, ...); the other items
+(optimizer, data iterators) are the training checkpointer's business.
+
+`save_params` writes a model directory from a params pure dict (any dtype), `locate_params`
+finds a checkpoint's params item for tools that read arrays themselves.
+
+`restore_model(path)` reads either (a workdir's latest readable checkpoint, a workdir's
+`checkpoints/<step>` directory, or a model directory) and returns `(model, config, metadata)`;
+a model directory also works as `--init_checkpoint` for training, whose run adopts the model
+shape saved with it (`adopt_shape`).
+
+Guarantees: a checkpoint of another model shape is refused with `CheckpointMismatchError`
+naming the differing config keys and arrays; an unreadable latest checkpoint is reported and
+the previous one used; nothing here deletes or overwrites a complete checkpoint or model.
+Everything is read through Orbax and JSON; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from emo_jax import parallel
+from emo_jax.config import SHAPE_KEYS, ConfigError, default_config, validate
+from emo_jax.model.summary import summarize
+from emo_jax.model.transformer import Transformer
+from emo_jax.model.model_config import ModelConfig
+
+# The directory of a training workdir that holds its Orbax checkpoints.
+CHECKPOINTS = "checkpoints"
+MODEL_FORMAT = "emo_jax.model"
+MODEL_FORMAT_VERSION = 1
+# Stacked expert weights [L, E, ...] of blocks/moe: chunked one expert per chunk on disk.
+EXPERT_STACKS = ("w_gate", "w_up", "w_down", "shared_gate", "shared_up", "shared_down")
+
+# Config keys a run started from --init_checkpoint takes from the checkpoint's config: the
+# parameter shapes, and top_k (an extracted model's is min(top_k, K - shared)).
+ADOPTED_KEYS = SHAPE_KEYS + ("moe.top_k",)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message says which and what to do."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint holds a model of another shape than the config describes."""
+
+
+# ---------------------------------------------------------------------------- pytrees
+
+
+def str_keys(tree):
+    """Orbax wants string dict keys (optax tuples become int keys in pure dicts)."""
+    if isinstance(tree, dict):
+        return {str(k): str_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def like_keys(tree, like):
+    """Gives `tree` (string keys, from Orbax) the key types of `like`."""
+    if isinstance(like, dict):
+        return {k: like_keys(tree[str(k)], v) for k, v in like.items()}
+    return tree
+
+
+def _flat_shapes(tree, prefix: str) -> dict[str, tuple]:
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = "/".join([prefix] + [str(getattr(k, "key", getattr(k, "idx", k))) for k in path])
+        out[name] = tuple(leaf.shape)
+    return out
+
+
+def config_dict(config) -> dict:
+    return json.loads(config.to_json())
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
+    """A full config from a saved one: defaults for keys it lacks, its values for the rest.
+
+    Keys that no longer exist are dropped with a warning; the result is validated.
+    """
+    config = default_config()
+    for section, values in saved.items():
+        if section not in config or not isinstance(values, dict):
+            logging.warning("checkpoint config: ignoring unknown section '%s'", section)
+            continue
+        for key, value in values.items():
+            if key not in config[section]:
+                logging.warning("checkpoint config: ignoring unknown key '%s.%s'", section, key)
+                continue
+            if isinstance(value, dict):
+                for sub, subvalue in value.items():
+                    config[section][key][sub] = subvalue
+            else:
+                config[section][key] = tuple(value) if isinstance(value, list) else value
+    return validate(config)
+
+
+def check_shapes(saved_tree, target_tree, where: str, saved_config: dict | None, config,
+                 prefix: str = "params"):
+    """Raises CheckpointMismatchError naming config keys and arrays that differ."""
+    saved, target = _flat_shapes(saved_tree, prefix), _flat_shapes(target_tree, prefix)
+    problems = []
+    for name in sorted(set(saved) | set(target)):
+        if name not in saved:
+            problems.append(f"{name} missing in the checkpoint")
+        elif name not in target:
+            problems.append(f"{name} not in this model")
+        elif saved[name] != target[name]:
+            problems.append(f"{name} is {saved[name]} there but {target[name]} here")
+    if not problems:
+        return
+    keys = []
+    if saved_config is not None:
+        now = config_dict(config)
+        keys = [f"{k}={_get(saved_config, k)!r} there but {_get(now, k)!r} here"
+                for k in SHAPE_KEYS if _get(saved_config, k) != _get(now, k)]
+    shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6
+                                       else "")
+    raise CheckpointMismatchError(
+        f"checkpoint {where} holds a model of another shape"
+        + (f" (config {', '.join(keys)})" if keys else "")
+        + f": {shown}. Use the config it was trained with, or another --workdir.")
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def checkpoint_manager(directory: str, keep: int | None, async_save: bool,
+                       read_only: bool = False):
+    """The Orbax manager of a workdir's checkpoints directory (the items of a checkpoint:
+    params, train_state, data, meta; see emo_jax/train/checkpoint.py). Tools open it
+    read-only: a read-only manager never cleans up the temporary directory of a save still in
+    progress."""
+    parallel.use_distributed_barriers()
+    handlers = {"params": ocp.StandardCheckpointHandler(),
+                "train_state": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
+        read_only=read_only, save_interval_steps=0 if read_only else 1)
+    verbosity = logging.get_verbosity()
+    if read_only:  # Orbax warns that a read-only directory is read-only
+        logging.set_verbosity(logging.ERROR)
+    try:
+        return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def default_mesh(config):
+    """All devices on the 'data' axis (parameters replicated): the mesh tools use by default."""
+    flat = ml_collections.ConfigDict(config.to_dict())
+    flat.mesh.data, flat.mesh.fsdp, flat.mesh.expert = -1, 1, 1
+    return parallel.make_mesh(flat)
+
+
+def model_mesh(model):
+    """The mesh a restored model's parameters live on."""
+    return jax.tree.leaves(nnx.state(model))[0].sharding.mesh
+
+
+def abstract_model(config, mesh):
+    """(graphdef, abstract params nnx.State with shardings on `mesh`)."""
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0))))
+    shardings = parallel.state_shardings(state, mesh, config)
+    state = jax.tree.map(
+        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+        state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return graphdef, state
+
+
+def _resolve(path: str, step: int | None):
+    """('model', dir, None) or ('workdir', checkpoints dir, step or None)."""
+    path = os.path.abspath(path)
+    meta_path = os.path.join(path, "metadata.json")
+    if os.path.isfile(meta_path):
+        return "model", path, None
+    if os.path.isdir(os.path.join(path, CHECKPOINTS)):
+        return "workdir", os.path.join(path, CHECKPOINTS), step
+    base = os.path.basename(path)
+    if base.isdigit() and os.path.isdir(path):
+        return "workdir", os.path.dirname(path), int(base) if step is None else step
+    if os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path)):
+        return "workdir", path, step
+    raise CheckpointError(
+        f"no emo_jax checkpoint at {path}: expected a training workdir (with {CHECKPOINTS}/), "
+        f"one of its {CHECKPOINTS}/<step> directories, or a model directory (with metadata.json)")
+
+
+def load_params(path: str, target_params, config, *, step: int | None = None):
+    """(params pure dict matching `target_params`, saved config dict, metadata) from any
+    checkpoint `restore_model` accepts; a different model shape raises CheckpointMismatchError.
+    """
+    kind, directory, step = _resolve(path, step)
+    target = str_keys(target_params)
+    if kind == "model":
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            saved_config = json.load(f)
+        with open(os.path.join(directory, "metadata.json"), encoding="utf-8") as f:
+            metadata = json.load(f)
+        if metadata.get("format") != MODEL_FORMAT:
+            raise CheckpointError(f"{directory}/metadata.json is not an emo_jax model "
+                                  f"(format {metadata.get('format')!r})")
+        checkpointer = ocp.StandardCheckpointer()
+        params_dir = os.path.join(directory, "params")
+        check_shapes(checkpointer.metadata(params_dir).item_metadata, target, directory,
+                     saved_config, config)
+        restored = checkpointer.restore(params_dir, target)
+        return like_keys(restored, target_params), saved_config, dict(metadata, kind="model",
+                                                                      path=directory)
+    manager = checkpoint_manager(directory, None, False, read_only=True)
+    steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {directory}")
+    errors = []
+    for s in steps:
+        where = os.path.join(directory, str(s))
+        try:
+            meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            check_shapes(manager.item_metadata(s)["params"], target, where, meta.get("config"),
+                         config)
+            restored = manager.restore(s, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(target)))["params"]
+        except CheckpointMismatchError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            if step is not None:
+                raise CheckpointError(f"checkpoint {where} is unreadable: "
+                                      f"{type(err).__name__}: {err}") from err
+            logging.warning("checkpoint %s is unreadable (%s); trying the previous one", where,
+                            type(err).__name__)
+            errors.append(where)
+            continue
+        metadata = {k: v for k, v in meta.items() if k != "config"}
+        return (like_keys(restored, target_params), meta["config"],
+                dict(metadata, kind="workdir", path=where, step=s))
+    raise CheckpointError(f"no readable checkpoint in {directory} (tried {', '.join(errors)})")
+
+
+def _saved_config(path: str, step: int | None) -> dict:
+    kind, directory, step = _resolve(path, step)
+    if kind == "model":
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            return json.load(f)
+    manager = checkpoint_manager(directory, None, False, read_only=True)
+    steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+    for s in steps:
+        try:
+            meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            return meta["meta"]["config"]
+        except Exception:  # noqa: BLE001 (load_params reports which one is unreadable)
+            continue
+    raise CheckpointError(f"no readable checkpoint in {directory}")
+
+
+def adopt_shape(config, path: str):
+    """`config` with the model shape of the checkpoint at `path` (ADOPTED_KEYS), so that e.g. an
+    extracted model (fewer experts) fine-tunes without --config.moe.num_experts=K. Logs each
+    key it changes; returns a validated copy (or `config` itself when nothing changes)."""
+    try:
+        saved = _saved_config(path, None)
+    except CheckpointError:
+        return config  # load_params reports the missing or unreadable checkpoint
+    now = config_dict(config)
+    changes = [(k, _get(now, k), _get(saved, k)) for k in ADOPTED_KEYS
+               if _get(saved, k) is not None and _get(saved, k) != _get(now, k)]
+    if not changes:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key, _, value in changes:
+        section, name = key.split(".")
+        config[section][name] = value
+    logging.warning("--init_checkpoint=%s: adopted its model shape: %s", path,
+                    ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes))
+    try:
+        return validate(config)
+    except ConfigError as err:
+        raise CheckpointError(f"the config with the model shape of --init_checkpoint={path} "
+                              f"is invalid: {err}") from err
+
+
+def locate_params(path: str, step: int | None = None) -> tuple[str, dict, dict]:
+    """(params item directory, saved config dict, metadata) of any checkpoint restore_model
+    accepts, without reading an array: for tools that read the arrays themselves (partial reads
+    of emo_jax/modular/lazy.py). A workdir gives its newest checkpoint with readable metadata."""
+    kind, directory, step = _resolve(path, step)
+    if kind == "model":
+        with open(os.path.join(directory, "metadata.json"), encoding="utf-8") as f:
+            metadata = json.load(f)
+        if metadata.get("format") != MODEL_FORMAT:
+            raise CheckpointError(f"{directory}/metadata.json is not an emo_jax model "
+                                  f"(format {metadata.get('format')!r})")
+        return (os.path.join(directory, "params"), _saved_config(directory, None),
+                dict(metadata, kind="model", path=directory))
+    manager = checkpoint_manager(directory, None, False, read_only=True)
+    steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+    for s in steps:
+        where = os.path.join(directory, str(s))
+        try:
+            meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as err:  # noqa: BLE001
+            if step is not None:
+                raise CheckpointError(f"checkpoint {where} is unreadable: "
+                                      f"{type(err).__name__}: {err}") from err
+            logging.warning("checkpoint %s is unreadable (%s); trying the previous one", where,
+                            type(err).__name__)
+            continue
+        metadata = {k: v for k, v in meta.items() if k != "config"}
+        return (os.path.join(where, "params"), meta["config"],
+                dict(metadata, kind="workdir", path=where, step=s))
+    raise CheckpointError(f"no readable checkpoint in {directory}")
+
+
+def restore_model(path: str, step: int | None = None, mesh=None):
+    """(model, config, metadata) from a training workdir (its latest readable checkpoint, or
+    `step`), a workdir's checkpoints/<step> directory, or a standalone model directory.
+
+    The parameters are placed on `mesh` by the config's sharding rules; default: all devices on
+    the 'data' axis (replicated). Call the model under `jax.set_mesh(mesh)` (the mesh is
+    `model_mesh(model)`). metadata: step, summary, kind ('workdir' | 'model'), path, and what
+    the checkpoint's writer added.
+    """
+    try:
+        config = config_from_dict(_saved_config(path, step))
+    except ConfigError as err:
+        raise CheckpointError(f"the config saved in {path} is invalid: {err}") from err
+    mesh = default_mesh(config) if mesh is None else mesh
+    graphdef, abstract = abstract_model(config, mesh)
+    pure, _, metadata = load_params(path, nnx.to_pure_dict(abstract), config, step=step)
+    nnx.replace_by_pure_dict(abstract, pure)
+    return nnx.merge(graphdef, abstract), config, metadata
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def param_save_args(params: dict):
+    """Orbax SaveArgs for a params pure dict: how each array is chunked on disk.
+
+    Arrays of the stacked blocks are chunked one layer per chunk, and the routed and shared
+    expert stacks ([L, R, ...]) one expert of one layer per chunk, so a reader can fetch single
+    experts without decoding their neighbours (lazy extraction, emo_jax/modular/lazy.py). The
+    other arrays keep Orbax's default (the written shard, at most 2 GiB per chunk).
+    """
+    def one(path, _):
+        names = [str(getattr(k, "key", k)) for k in path]
+        if names[0] != "blocks":
+            return ocp.SaveArgs()
+        if names[-1] in EXPERT_STACKS:
+            return ocp.SaveArgs(shard_axes=(0, 1))
+        return ocp.SaveArgs(shard_axes=(0,))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def save_model(path: str, model, config, metadata: dict | None = None, *,
+               overwrite: bool = False):
+    """Writes a standalone params-only model directory (layout in the module docstring).
+
+    Atomic: written to PATH.partial, then renamed to PATH. An existing PATH is refused unless
+    `overwrite` (then it is replaced only once the new one is complete). Every process calls it.
+    """
+    return save_params(path, nnx.to_pure_dict(nnx.state(model)), config, metadata,
+                       overwrite=overwrite)
+
+
+def save_params(path: str, params: dict, config, metadata: dict | None = None, *,
+                overwrite: bool = False):
+    """`save_model` of a params pure dict (jax or NumPy arrays, in any dtype: restore_model
+    casts to float32) instead of a model: what tools that never build the model write."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise CheckpointError(f"{path} exists; choose another path or pass overwrite=True")
+    partial = path + ".partial"
+    if jax.process_index() == 0 and os.path.exists(partial):
+        shutil.rmtree(partial)  # an earlier interrupted save: never a complete model
+    parallel.barrier("emo_jax_save_model_start")
+    params = str_keys(params)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(partial, "params"), params,
+                      save_args=param_save_args(params))
+    checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+        info = dict(metadata or {}, format=MODEL_FORMAT, format_version=MODEL_FORMAT_VERSION,
+                    summary=summarize(ModelConfig.from_config(config), config.data.seq_len),
+                    saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        with open(os.path.join(partial, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json(indent=2))
+        with open(os.path.join(partial, "metadata.json"), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2, sort_keys=True)
+        if os.path.exists(path):
+            old = path + f".old-{os.getpid()}"
+            os.rename(path, old)
+            os.rename(partial, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(partial, path)
+    parallel.barrier("emo_jax_save_model_end")
+    return path
