@@ -39,6 +39,7 @@ sys.path.insert(0, REPO)
 
 from bench.common import write_results  # noqa: E402
 from configs.emo_1b14b import get_config  # noqa: E402
+from emo_jax.config import routed_experts
 from emo_jax.model.model_config import ModelConfig  # noqa: E402
 from emo_jax.model.transformer import Transformer  # noqa: E402
 from emo_jax.modular import lazy, subset as subset_lib  # noqa: E402
@@ -91,7 +92,7 @@ def write_checkpoint(path: str, layers: int, seed: int = 0):
 
 
 def random_subset(config, keep: int, seed: int):
-    routed = config.moe.num_experts - config.moe.num_shared_experts
+    routed = routed_experts(config)
     rng = np.random.default_rng(seed)
     layers = [sorted(rng.choice(routed, keep - config.moe.num_shared_experts,
                                 replace=False).tolist()) for _ in range(config.model.num_layers)]

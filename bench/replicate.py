@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 from emo_jax.data import read_documents
-from emo_jax.eval import evaluate
+from emo_jax.evaluation import evaluate
 from emo_jax.modular import runtime
 from emo_jax.modular.analysis import analyze
 from emo_jax.modular.extract import extract

@@ -21,7 +21,7 @@ import sys
 from absl import app, flags
 
 from emo_jax.cli import fail, parse_flags, quiet_logging
-from emo_jax.config import ConfigError
+from emo_jax.config import ConfigError, routed_experts
 from emo_jax.model.decode import generate
 from emo_jax.model_files import CheckpointError
 from emo_jax.modular import extract, request_log, runtime, select, subset as subset_lib
@@ -55,7 +55,7 @@ def main(argv):
         fail("--temperature must be >= 0 and --top_p in (0, 1]")
     try:
         model, config, metadata = runtime.load_model(_CHECKPOINT.value)
-        routed = config.moe.num_experts - config.moe.num_shared_experts
+        routed = routed_experts(config)
         tokenizer = runtime.tokenizer_of(config)
         prompt = tokenizer.encode(_PROMPT.value)
         if not prompt:

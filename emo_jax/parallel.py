@@ -26,7 +26,7 @@ from absl import flags
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from emo_jax.config import ConfigError
+from emo_jax.config import ConfigError, routed_experts
 
 MESH_AXES = ("data", "fsdp", "expert")
 BATCH_AXES = MESH_AXES  # the batch rows are split over every mesh axis
@@ -58,7 +58,7 @@ def make_mesh(config, devices=None) -> jax.sharding.Mesh:
 
 def check_experts(config, mesh):
     """Clear error when the routed experts cannot be split over the mesh's 'expert' axis."""
-    routed = config.moe.num_experts - config.moe.num_shared_experts
+    routed = routed_experts(config)
     ep = mesh.shape["expert"]
     if routed % ep:
         raise ConfigError(

@@ -30,7 +30,8 @@ def _one_error_line(proc, status=2) -> str:
 
 
 def _truncated_gzip(path, n_lines=24):
-    lines = [json.dumps({"text": f"document {i} " + "words " * (i % 5 + 2)}) for i in range(n_lines)]
+    lines = [json.dumps({"text": f"document {i} " + "words " * (i % 5 + 2)})
+             for i in range(n_lines)]
     data = gzip.compress(("\n".join(lines) + "\n").encode())
     path.write_bytes(data[:len(data) * 2 // 3])
 

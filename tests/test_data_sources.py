@@ -103,7 +103,8 @@ def test_bad_record_reasons(tmp_path):
 
 
 def _truncated_gzip(path, n_lines=40, keep=0.6):
-    lines = [json.dumps({"text": f"document {i} " + "words " * (i % 5 + 2)}) for i in range(n_lines)]
+    lines = [json.dumps({"text": f"document {i} " + "words " * (i % 5 + 2)})
+             for i in range(n_lines)]
     data = gzip.compress(("\n".join(lines) + "\n").encode())
     path.write_bytes(data[:int(len(data) * keep)])
     return lines

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import train_helpers as th
+from emo_jax.config import routed_experts
 from emo_jax.data.sources import read_documents
-from emo_jax.eval import evaluate
+from emo_jax.evaluation import evaluate
 from emo_jax.model_files import restore_model
 
 DOCS = [
@@ -69,7 +70,7 @@ def test_eval_cli_reports_loss_and_perplexity_per_domain(cli_result):
 
 def test_evaluate_with_a_full_expert_mask_matches(reference, data_file, cli_result):
     model, config, _ = restore_model(reference)
-    routed = config.moe.num_experts - config.moe.num_shared_experts
+    routed = routed_experts(config)
     mask = np.ones((config.model.num_layers, routed), bool)
     result = evaluate(model, config, read_documents(data_file), expert_mask_LR=mask)
     assert result["loss"] == pytest.approx(cli_result[0]["loss"], rel=1e-5)

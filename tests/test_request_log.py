@@ -85,7 +85,7 @@ def test_eval_document_counts_equal_routing_decisions(tmp_path):
     """Packed rows hold several documents; each document's counts are its own routing (with
     the eval pool: EMO routing at evaluation)."""
     from emo_jax.data.pipeline import pack_documents
-    from emo_jax.eval import evaluate
+    from emo_jax.evaluation import evaluate
     from emo_jax.modular.runtime import load_model, tokenizer_of
     from emo_jax.model_files import save_model
 

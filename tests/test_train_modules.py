@@ -125,7 +125,7 @@ def test_module_fine_tuning_freezes_everything_else(setup):
     # The domain's loss fell: the same documents through the model before and after.
     from emo_jax.data.pipeline import pack_documents
     from emo_jax.data.tokenizers import make_tokenizer
-    from emo_jax.eval import token_losses
+    from emo_jax.evaluation import token_losses
     from emo_jax.model_files import restore_model
 
     docs = read_documents(setup["domain"])[:24]

@@ -38,7 +38,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from emo_jax.config import ConfigError, default_config, validate
+from emo_jax.config import ConfigError, default_config, routed_experts, validate
 from emo_jax.model.model_config import ModelConfig
 from emo_jax.model.transformer import Transformer
 
@@ -332,7 +332,7 @@ def export_tensors(params: Mapping, config) -> dict[str, Callable[[], np.ndarray
     """{HF name: () -> float32 [out, in] array}: computed on demand, so a writer holds one shard.
 
     `params` may hold NumPy or JAX arrays (`model_params(model, host=False)`)."""
-    r = config.moe.num_experts - config.moe.num_shared_experts
+    r = routed_experts(config)
 
     def tensor(name):
         layer, expert, leaf = _parse(name)
@@ -378,7 +378,7 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config):
     say so when they were not zero.
     """
     m, e = config.model, config.moe
-    r, x = e.num_experts - e.num_shared_experts, e.num_shared_experts
+    r, x = routed_experts(config), e.num_shared_experts
     d, h, kv, dh = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
     params = {key: np.empty(shape, np.float32) for key, shape in param_shapes(config).items()}
 

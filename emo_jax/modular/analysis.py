@@ -48,6 +48,7 @@ import os
 
 import numpy as np
 
+from emo_jax.config import routed_experts
 from emo_jax.modular import runtime
 from emo_jax.modular.probe import Probe
 from emo_jax.modular.select import top_experts
@@ -311,7 +312,7 @@ def analyze(model, config, docs, out_dir: str, *, tokenizer=None, clusters: int 
     `data.seq_len` (module docstring)."""
     tokenizer = tokenizer or runtime.tokenizer_of(config)
     e = config.moe
-    routed = e.num_experts - e.num_shared_experts
+    routed = routed_experts(config)
     keep = keep or max(e.num_shared_experts + 1, e.num_experts // 4)
     check_keep(keep, config)
     os.makedirs(out_dir, exist_ok=True)

@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from emo_jax.config import validate
+from emo_jax.config import routed_experts, validate
 from emo_jax.model.model_config import ModelConfig
 from emo_jax.model.transformer import Transformer
 from emo_jax.modular import subset as subset_lib
@@ -72,7 +72,7 @@ def extract(model, config, subset: subset_lib.Subset):
     nnx.replace_by_pure_dict(state, pure)
     small = nnx.merge(graphdef, state)
     before, after = param_stats(model), param_stats(small)
-    routed = config.moe.num_experts - config.moe.num_shared_experts
+    routed = routed_experts(config)
     report = {
         "params_before": before["params"], "params_after": after["params"],
         "bytes_before": before["bytes"], "bytes_after": after["bytes"],

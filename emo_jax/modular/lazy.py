@@ -42,6 +42,7 @@ import numpy as np
 import tensorstore as ts
 from absl import logging
 
+from emo_jax.config import routed_experts
 from emo_jax import model_files
 from emo_jax.modular import subset as subset_lib
 from emo_jax.modular.extract import extracted_config
@@ -310,7 +311,7 @@ def extract_lazy(checkpoint: str, subset: subset_lib.Subset, out: str, *,
                         "checkpoint %s): same shape, but maybe another checkpoint", where,
                         subset.model["router_digest"], digest)
     plans = extract_plans(reader, subset)
-    routed = config.moe.num_experts - config.moe.num_shared_experts
+    routed = routed_experts(config)
     bytes_after = sum(p.nbytes for p in plans.values())
     report = {
         "params_before": sum(int(np.prod(reader.shape(n))) for n in reader.names),

@@ -22,7 +22,7 @@ import os
 import numpy as np
 from absl import logging
 
-from emo_jax.config import ConfigError
+from emo_jax.config import ConfigError, routed_experts
 from emo_jax.modular import lazy, subset as subset_lib
 
 # Config keys two checkpoints must share for their experts to be interchangeable: the
@@ -99,7 +99,7 @@ def compose(base: str, takes: list[tuple[str, subset_lib.Subset]], out: str, *,
                    "experts_per_layer": len(subset.layers[0]), "layers": subset.layers}
                   for (path, subset), name in zip(takes, names)],
         "experts_transplanted": len(owner),
-        "routed_experts": config.moe.num_experts - config.moe.num_shared_experts,
+        "routed_experts": routed_experts(config),
         "num_layers": config.model.num_layers,
     }
     lazy.write_params(out, plans, config, metadata={

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from emo_jax import subset_file
-from emo_jax.config import ConfigError
+from emo_jax.config import ConfigError, routed_experts
 
 ROUTER_MODES = ("rows", "all", "none")
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
@@ -57,7 +57,7 @@ class Trainable:
         return {"subset": self.subset, "train_router": self.train_router}
 
     def describe(self, config) -> str:
-        routed = config.moe.num_experts - config.moe.num_shared_experts
+        routed = routed_experts(config)
         router = {"rows": "and their router columns", "all": "and the whole router",
                   "none": "(router frozen)"}[self.train_router]
         return (f"{len(self.layers[0])} of {routed} routed experts per layer {router}; "

@@ -206,13 +206,14 @@ def largest_buffers(hlo_text: str, count: int = 5) -> list[dict]:
 
 def make_plan(config, target: Target) -> dict:
     """Compiles the train step for `target` and returns the figures of the plan."""
+    from emo_jax.model.model_config import ModelConfig
     from emo_jax.model.summary import summarize
     from emo_jax.train import step as step_lib
 
     mesh = parallel.make_mesh(config, devices=target.devices)
     parallel.check_batch(config, mesh)
     parallel.check_experts(config, mesh)
-    summary = summarize(config)
+    summary = summarize(ModelConfig.from_config(config), config.data.seq_len)
     with _backend_reported_as(target.platform):
         graphdef, abstract, shardings = step_lib.abstract_state(config, mesh)
         start = time.perf_counter()
