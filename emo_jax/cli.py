@@ -1,7 +1,9 @@
 """Helpers shared by the command-line entry points (`python -m emo_jax.<verb>`): absl flag
 parsing that turns user mistakes into one line, multi-process initialisation, quiet logging.
 
-Nothing here parses a flag of its own.
+Nothing here parses a flag of its own or imports jax at import time: an entry point may set
+JAX_* environment variables after importing this module (emo_jax/plan.py), and jax reads
+them when it is imported.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import tempfile
 
 from absl import flags, logging
 
-from emo_jax import parallel
 from emo_jax.config import default_config
 
 
@@ -76,6 +77,9 @@ def _config_code_error(text: str) -> str:
 def initialize_distributed():
     """Multi-process JAX when the environment describes a job (SLURM, a TPU pod, or
     JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID as launch/ scripts set)."""
+    # Deferred: emo_jax.parallel imports jax (module docstring).
+    from emo_jax import parallel  # pylint: disable=g-import-not-at-top
+
     parallel.initialize_distributed()
 
 

@@ -49,7 +49,9 @@ def default_config() -> ml_collections.ConfigDict:
     # attention with packed segments, bf16 on NVIDIA GPUs), 'splash' (Pallas, TPU).
     m.attention = "auto"
     m.attention_chunk = 512  # query and key chunk length of 'chunked' attention
-    m.loss_chunk = 0  # tokens per chunk of the fused output head + cross-entropy (0 = dense logits)
+    # Positions per chunk of the output head fused with the cross-entropy (all rows of a chunk
+    # at once: at most rows x loss_chunk x vocab float32 logits live); 0 = dense logits.
+    m.loss_chunk = 0
 
     c.moe = e = ml_collections.ConfigDict()
     e.num_experts = 32  # experts per layer, shared ones included (R = num_experts - shared)
@@ -176,7 +178,7 @@ _POSITIVE = (
 # Integer keys: key -> (smallest valid value, what the valid values mean).
 _INTEGERS = {
     "model.attention_chunk": (1, "an integer >= 1 (positions per chunk)"),
-    "model.loss_chunk": (0, "an integer >= 0 (tokens per chunk; 0 = dense logits)"),
+    "model.loss_chunk": (0, "an integer >= 0 (positions per chunk; 0 = dense logits)"),
     "moe.blocked_chunk_blocks": (0, "an integer >= 0 (blocks per chunk; 0 = all at once)"),
 }
 

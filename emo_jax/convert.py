@@ -4,7 +4,7 @@
     python -m emo_jax.convert --checkpoint=WORKDIR_OR_MODEL_DIR --to_hf=HF_DIR \
         [--step=N] [--dtype=float32|bfloat16] [--max_shard_size=5GB]
 
-Import writes a standalone emo_jax model directory (`train/checkpoint.py: save_model`) that
+Import writes a standalone emo_jax model directory (`model_files.py: save_model`) that
 train (`--init_checkpoint`), eval, select, extract and generate read like any other; its
 metadata.json records the source (`source`: path, config.json hash, weight files, the Hugging
 Face config) and what the conversion noticed (`notes`). A `tokenizer.json` beside the weights is

@@ -32,11 +32,11 @@ def token_losses(model, batch, expert_mask_LR=None, assignments: bool = False):
     """(ce_BS, predicted_BS): float32 next-token cross-entropy and the mask of predicted tokens;
     with `assignments`, also the int32 [L, B, S, K] routed expert of every assignment (-1 =
     none)."""
-    out = model(batch["tokens"], batch["segment_ids"], batch["positions"], pool_key=None,
-                expert_mask_LR=expert_mask_LR, capture=("expert_idx",) if assignments else ())
     targets_BS, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"])
-    loss_BS, _ = losses.token_cross_entropy(out.logits_BSV, targets_BS)
-    result = (loss_BS * mask_BS, mask_BS)
+    out = model(batch["tokens"], batch["segment_ids"], batch["positions"], pool_key=None,
+                expert_mask_LR=expert_mask_LR, capture=("expert_idx",) if assignments else (),
+                targets_BS=targets_BS)
+    result = (out.token_loss_BS * mask_BS, mask_BS)
     return result + (out.captured["expert_idx_BSK"],) if assignments else result
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from emo_jax.model import attention as A
-from emo_jax.model import layers
 
 
 def _segments(b, s):
@@ -45,14 +44,6 @@ def _value_and_grads(fn, q, k, v):
 
 def _dense(seg):
     return lambda q, k, v: A.dense_attention(q, k, v, A.segment_causal_mask(seg))
-
-
-def test_dense_attention_is_layers_attend():
-    q, k, v = _qkv(2, 24, 4, 2, 8)
-    seg = _segments(2, 24)
-    mask = layers.segment_causal_mask(seg)
-    np.testing.assert_array_equal(A.segment_causal_mask(seg), mask)
-    np.testing.assert_array_equal(A.dense_attention(q, k, v, mask), layers.attend(q, k, v, mask))
 
 
 @pytest.mark.parametrize("s,qc,kc", [(96, 32, 32), (100, 32, 16), (70, 16, 48), (40, 512, 512)])

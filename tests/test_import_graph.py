@@ -15,8 +15,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "emo_jax"
 
 # Circles known and being removed (each a set of modules); empty when there is none.
 KNOWN_CIRCLES: list[set[str]] = []
-# Tools that still import emo_jax.train, each with the module it imports (to be removed).
-KNOWN_TOOL_TRAIN_IMPORTS = {("emo_jax.eval", "emo_jax.train.checkpoint")}
+# (tool, emo_jax.train module) imports known and being removed; empty when there is none.
+KNOWN_TOOL_TRAIN_IMPORTS: set[tuple[str, str]] = set()
 # Modules that are tools: they read checkpoints, never train.
 TOOLS = ("emo_jax.modular", "emo_jax.interop", "emo_jax.eval", "emo_jax.extract",
          "emo_jax.select", "emo_jax.generate", "emo_jax.compose", "emo_jax.convert",

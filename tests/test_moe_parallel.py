@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from emo_jax import parallel
 from emo_jax.config import default_config
+from emo_jax.model import experts
 from emo_jax.model import moe as moe_lib
 from emo_jax.model.model_config import ModelConfig
 from emo_jax.model import moe_parallel, routing
@@ -157,7 +158,7 @@ def test_ragged_dispatch_is_dropless_and_matches_one_device(mesh_shape,
     assert specs[0] == P("expert", "fsdp", None) and specs[2] == P("expert", None, "fsdp")
 
     y, rows, dropped = sharded_call(mesh, x, idx, w, ws, specs, dispatch="ragged")
-    y_ref, rows_ref = moe_lib.dispatch_local(x, idx, w, *ws, impl="ragged_dot", block_size=4,
+    y_ref, rows_ref = experts.dispatch_local(x, idx, w, *ws, impl="ragged_dot", block_size=4,
                                              compute_dtype="float32")
     assert int(dropped) == 0 and int(rows) == int(rows_ref) == int((w > 0).sum())
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -171,7 +172,7 @@ def test_ragged_dispatch_is_dropless_and_matches_one_device(mesh_shape,
                 dispatch="ragged", capacity_factor=1.0, impl="ragged_dot", block_size=4,
                 compute_dtype="float32")
         else:
-            y, _ = moe_lib.dispatch_local(x, jnp.asarray(idx), w, wg, wu, wd, impl="ragged_dot",
+            y, _ = experts.dispatch_local(x, jnp.asarray(idx), w, wg, wu, wd, impl="ragged_dot",
                                           block_size=4, compute_dtype="float32")
         return jnp.sum(y * cos)
 
@@ -225,11 +226,11 @@ def test_ragged_dispatch_with_the_real_collective():
     args = [jax.device_put(a, rows) for a in (x, idx, w)]
     args += [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(ws, specs)]
     y = jax.jit(f)(*args)
-    y_ref, _ = moe_lib.dispatch_local(x, idx, w, *ws, impl="blocked", block_size=4,
+    y_ref, _ = experts.dispatch_local(x, idx, w, *ws, impl="blocked", block_size=4,
                                       compute_dtype="float32")
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     g = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 3)))(*args)
-    g_ref = jax.grad(lambda x, wg: jnp.sum(moe_lib.dispatch_local(
+    g_ref = jax.grad(lambda x, wg: jnp.sum(experts.dispatch_local(
         x, idx, w, wg, ws[1], ws[2], impl="blocked", block_size=4,
         compute_dtype="float32")[0] ** 2), argnums=(0, 1))(x, ws[0])
     for a, b in zip(g, g_ref):

@@ -29,7 +29,8 @@ def sort_assignments(expert_idx_TK, weights_TK, num_experts: int):
 
 
 def dispatch_local(x_TD, expert_idx_TK, weights_TK, w_gate_RDF, w_up_RDF, w_down_RFD, *,
-                   impl: str, block_size: int, compute_dtype, output_norms: bool = False):
+                   impl: str, block_size: int, compute_dtype, chunk_blocks: int = 0,
+                   output_norms: bool = False):
     """Dropless routed-expert output y_t = sum_k w_tk Expert_{i_tk}(x_t) on one device.
 
     Returns (y_TD, rows_processed), and with `output_norms` also norm_TK: the float32 L2 norm
@@ -40,7 +41,7 @@ def dispatch_local(x_TD, expert_idx_TK, weights_TK, w_gate_RDF, w_up_RDF, w_down
     token_A = order_A // k
     y_sorted_AD, rows = grouped_swiglu(
         x_TD[token_A], group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD,
-        impl=impl, block_size=block_size, compute_dtype=compute_dtype)
+        impl=impl, block_size=block_size, compute_dtype=compute_dtype, chunk_blocks=chunk_blocks)
     y_AD = jnp.zeros_like(y_sorted_AD).at[order_A].set(y_sorted_AD)
     y_TKD = y_AD.reshape(t, k, -1).astype(jnp.float32)
     y_TD = jnp.einsum("tkd,tk->td", y_TKD, weights_TK.astype(jnp.float32))

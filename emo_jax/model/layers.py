@@ -1,4 +1,5 @@
-"""Dense building blocks of the Transformer: RMSNorm, RoPE and segment-confined causal attention.
+"""Dense building blocks of the Transformer: parameters, RMSNorm, RoPE and the attention layer
+(its math, in every implementation, is in `attention.py`).
 
 Every parameter carries `logical_axes` metadata (names such as 'embed', 'heads', 'expert');
 `emo_jax.parallel` maps them to mesh axes through the rules in the config, so the layout of a
@@ -14,10 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emo_jax.model import attention
 from emo_jax.model.model_config import ModelConfig
-
-# A finite "minus infinity": exp() of it is exactly 0, and it never produces NaN in softmax.
-NEG_INF = -1e30
 
 
 def param(rngs: nnx.Rngs, shape, axes, std: float) -> nnx.Param:
@@ -54,15 +53,6 @@ def rope(x_BSHDh, positions_BS, theta: float):
     return out.astype(x_BSHDh.dtype)
 
 
-def segment_causal_mask(segment_ids_BS):
-    """[B, 1, S, S] bool: query q sees key k iff k <= q, same segment, and not padding (id 0)."""
-    seq = segment_ids_BS.shape[1]
-    causal_SS = jnp.tril(jnp.ones((seq, seq), bool))
-    same_BSS = segment_ids_BS[:, :, None] == segment_ids_BS[:, None, :]
-    real_BS1 = (segment_ids_BS != 0)[:, :, None]
-    return (causal_SS[None] & same_BSS & real_BS1)[:, None]
-
-
 class Attention(nnx.Module):
     """Multi-head (or grouped-query) attention, causal and confined to one document segment."""
 
@@ -77,6 +67,7 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(dh, cfg.norm_eps) if cfg.qk_norm else None
         self.rope_theta = cfg.rope_theta
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+        self.impl, self.chunk = cfg.attention, cfg.attention_chunk
 
     def __call__(self, x_BSD, segment_ids_BS, positions_BS, kv_cache=None):
         """Attention output [B, S, D], and the updated (cache_k, cache_v) when given a cache.
@@ -90,8 +81,9 @@ class Attention(nnx.Module):
         """
         q_BSHDh, k_BSKDh, v_BSKDh = self._qkv(x_BSD, positions_BS)
         if kv_cache is None:
-            mask_B1SS = segment_causal_mask(segment_ids_BS)
-            return self._out(attend(q_BSHDh, k_BSKDh, v_BSKDh, mask_B1SS)), None
+            out_BSHDh = attention.attention(q_BSHDh, k_BSKDh, v_BSKDh, segment_ids_BS,
+                                            impl=self.impl, chunk=self.chunk)
+            return self._out(out_BSHDh), None
         cache_k_BTKDh, cache_v_BTKDh, start = kv_cache
         at = (0, start, 0, 0)
         cache_k_BTKDh = jax.lax.dynamic_update_slice(
@@ -100,8 +92,8 @@ class Attention(nnx.Module):
             cache_v_BTKDh, v_BSKDh.astype(cache_v_BTKDh.dtype), at)
         slots_T = jnp.arange(cache_k_BTKDh.shape[1])
         mask_B1ST = (slots_T <= positions_BS[:, :, None])[:, None]
-        out_BSHDh = attend(q_BSHDh, cache_k_BTKDh.astype(q_BSHDh.dtype),
-                           cache_v_BTKDh.astype(q_BSHDh.dtype), mask_B1ST)
+        out_BSHDh = attention.dense_attention(q_BSHDh, cache_k_BTKDh.astype(q_BSHDh.dtype),
+                                              cache_v_BTKDh.astype(q_BSHDh.dtype), mask_B1ST)
         return self._out(out_BSHDh), (cache_k_BTKDh, cache_v_BTKDh)
 
     def _qkv(self, x_BSD, positions_BS):
@@ -120,21 +112,3 @@ class Attention(nnx.Module):
     def _out(self, out_BSHDh):
         dt = self.compute_dtype
         return jnp.einsum("bshk,hkd->bsd", out_BSHDh, self.wo[...].astype(dt))
-
-
-def attend(q_BSHDh, k_BTKDh, v_BTKDh, mask_B1ST):
-    """Softmax attention with grouped KV heads; a query whose mask row is empty outputs zeros.
-
-    S is the query length and T the key length (equal in training; T = cache length when
-    decoding with a KV cache).
-    """
-    b, s, h, dh = q_BSHDh.shape
-    kv = k_BTKDh.shape[2]
-    q_BSKGDh = q_BSHDh.reshape(b, s, kv, h // kv, dh)
-    logits_BKGST = jnp.einsum("bskgd,btkd->bkgst", q_BSKGDh, k_BTKDh).astype(jnp.float32)
-    logits_BKGST = logits_BKGST / jnp.sqrt(jnp.float32(dh))
-    mask_B11ST = mask_B1ST[:, :, None]
-    logits_BKGST = jnp.where(mask_B11ST, logits_BKGST, NEG_INF)
-    probs_BKGST = jax.nn.softmax(logits_BKGST, axis=-1) * mask_B11ST
-    out_BSKGDh = jnp.einsum("bkgst,btkd->bskgd", probs_BKGST.astype(v_BTKDh.dtype), v_BTKDh)
-    return out_BSKGDh.reshape(b, s, h, dh)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from emo_jax.model.cross_entropy import token_cross_entropy
+
 
 def next_token_targets(tokens_BS, segment_ids_BS):
     """Targets and mask: position s predicts token s+1 of the same segment; padding predicts nothing."""
@@ -21,22 +23,18 @@ def next_token_targets(tokens_BS, segment_ids_BS):
     return targets_BS, mask_BS
 
 
-def token_cross_entropy(logits_XV, targets_X):
-    """(loss_X, lse_X), float32: -log softmax(logits)[target] and logsumexp(logits) per position
-    (any leading shape X). The one dense implementation of the token cross-entropy."""
-    logits_XV = logits_XV.astype(jnp.float32)
-    lse_X = jax.nn.logsumexp(logits_XV, axis=-1)
-    target_logit_X = jnp.take_along_axis(logits_XV, targets_X[..., None], axis=-1)[..., 0]
-    return lse_X - target_logit_X, lse_X
+def masked_sums(token_loss_BS, lse_BS, mask_BS):
+    """(sum of masked token losses, sum of output z terms lse^2, number of predicted tokens),
+    float32, from the per-token cross-entropy and log-sum-exp (`emo_jax/model/cross_entropy.py`)."""
+    maskf_BS = mask_BS.astype(jnp.float32)
+    return (jnp.sum(token_loss_BS * maskf_BS),
+            jnp.sum(jnp.square(lse_BS) * maskf_BS),
+            jnp.sum(maskf_BS))
 
 
 def cross_entropy_sums(logits_BSV, targets_BS, mask_BS):
-    """(sum of masked token losses, sum of output z terms, number of predicted tokens), float32."""
-    loss_BS, lse_BS = token_cross_entropy(logits_BSV, targets_BS)
-    maskf_BS = mask_BS.astype(jnp.float32)
-    return (jnp.sum(loss_BS * maskf_BS),
-            jnp.sum(jnp.square(lse_BS) * maskf_BS),
-            jnp.sum(maskf_BS))
+    """`masked_sums` of dense logits."""
+    return masked_sums(*token_cross_entropy(logits_BSV, targets_BS), mask_BS)
 
 
 def switch_balance_loss(counts_GR, prob_sums_GR, tokens_G, top_k: int):

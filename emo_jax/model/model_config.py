@@ -32,6 +32,9 @@ class ModelConfig:
     init_std: float = _section("model")
     compute_dtype: str = _section("model")
     remat: str = _section("model")
+    attention: str = _section("model")
+    attention_chunk: int = _section("model")
+    loss_chunk: int = _section("model")
 
     num_experts: int = _section("moe")
     num_shared_experts: int = _section("moe")
@@ -45,6 +48,7 @@ class ModelConfig:
     block_size: int = _section("moe")
     dispatch: str = _section("moe")
     capacity_factor: float = _section("moe")
+    blocked_chunk_blocks: int = _section("moe")
 
     # Logical parameter axis -> mesh axes ('' replicated, 'a,b' several), sorted: `mesh.rules`.
     sharding_rules: tuple[tuple[str, str], ...] = (("expert", "expert"),)

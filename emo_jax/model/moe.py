@@ -118,7 +118,7 @@ class MoE(nnx.Module):
         return experts.dispatch_local(
             x_TD, expert_idx_TK, weights_TK, self.w_gate[...], self.w_up[...], self.w_down[...],
             impl=c.grouped_matmul, block_size=c.block_size, compute_dtype=c.compute_dtype,
-            output_norms=output_norms)
+            chunk_blocks=c.blocked_chunk_blocks, output_norms=output_norms)
 
     def _routed_experts(self, x_TD, expert_idx_TK, weights_TK):
         """(y_TD, rows_processed, dropped) of the routed experts.
@@ -138,4 +138,5 @@ class MoE(nnx.Module):
         return moe_parallel.routed_experts(
             x_TD, expert_idx_TK, weights_TK, *(w[...] for w in weights), mesh=mesh,
             weight_specs=specs, dispatch=c.dispatch, capacity_factor=c.capacity_factor,
-            impl=c.grouped_matmul, block_size=c.block_size, compute_dtype=c.compute_dtype)
+            impl=c.grouped_matmul, block_size=c.block_size, compute_dtype=c.compute_dtype,
+            chunk_blocks=c.blocked_chunk_blocks)

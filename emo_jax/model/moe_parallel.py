@@ -144,7 +144,7 @@ def _exclusive_cumsum(x, axis=-1):
 
 def routed_experts(x_TD, expert_idx_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, mesh,
                    weight_specs, dispatch: str, capacity_factor: float, impl: str,
-                   block_size: int, compute_dtype):
+                   block_size: int, compute_dtype, chunk_blocks: int = 0):
     """y_t = sum_k w_tk Expert_{i_tk}(x_t) for a batch sharded over the batch axes of `mesh`.
 
     Args:
@@ -162,7 +162,8 @@ def routed_experts(x_TD, expert_idx_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down
         raise ValueError(f"{w_gate_EDF.shape[0]} routed experts do not split over the 'expert' "
                          f"mesh axis of size {ep}")
     mode = "local" if ep == 1 else resolve_dispatch(dispatch)
-    kwargs = dict(impl=impl, block_size=block_size, compute_dtype=compute_dtype)
+    kwargs = dict(impl=impl, block_size=block_size, compute_dtype=compute_dtype,
+                  chunk_blocks=chunk_blocks)
     all_axes = tuple(mesh.axis_names)
     rows_spec = P(BATCH_AXES)
 
@@ -213,7 +214,7 @@ def capacity_slots(expert_idx_TK, weights_TK, num_experts: int, cap: int):
 
 def capacity_dispatch(x_TD, expert_idx_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *,
                       ep: int, capacity_factor: float, impl: str, block_size: int,
-                      compute_dtype):
+                      compute_dtype, chunk_blocks: int = 0):
     """One device's share of the capacity-bounded expert-parallel MoE (inside shard_map).
 
     w_* are this device's El local experts. Returns (y_TD float32, rows_processed, dropped).
@@ -241,7 +242,7 @@ def capacity_dispatch(x_TD, expert_idx_TK, weights_TK, w_gate_EDF, w_up_EDF, w_d
     y_ND, rows = experts.dispatch_local(
         recv_SJCD.reshape(-1, d), local_expert_SJC.reshape(-1, 1),
         live_SJC.reshape(-1, 1).astype(jnp.float32), w_gate_EDF, w_up_EDF, w_down_EFD,
-        impl=impl, block_size=block_size, compute_dtype=compute_dtype)
+        impl=impl, block_size=block_size, compute_dtype=compute_dtype, chunk_blocks=chunk_blocks)
 
     back_SJCD = jax.lax.all_to_all(y_ND.astype(dt).reshape(ep, el, cap, d), EXPERT_AXIS, 0, 0)
     y_AD = back_SJCD.reshape(e * cap, d).at[dest_A].get(mode="fill", fill_value=0)
@@ -281,7 +282,7 @@ _ragged_all_to_all = jax.lax.ragged_all_to_all
 
 
 def ragged_dispatch(x_TD, expert_idx_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *,
-                    ep: int, impl: str, block_size: int, compute_dtype):
+                    ep: int, impl: str, block_size: int, compute_dtype, chunk_blocks: int = 0):
     """One device's share of the dropless expert-parallel MoE (inside shard_map).
 
     Each device sorts its assignments by expert and sends expert i's rows as one slice to the
@@ -320,7 +321,8 @@ def ragged_dispatch(x_TD, expert_idx_TK, weights_TK, w_gate_EDF, w_up_EDF, w_dow
                                  output_offsets, recv_sizes, axis_name=EXPERT_AXIS)
 
     y_ND, rows = grouped_swiglu(recv_ND, my_counts_SJ.sum(0), w_gate_EDF, w_up_EDF, w_down_EFD,
-                                impl=impl, block_size=block_size, compute_dtype=dt)
+                                impl=impl, block_size=block_size, compute_dtype=dt,
+                                chunk_blocks=chunk_blocks)
 
     my_base_J = jax.lax.dynamic_slice_in_dim(expert_base_E, me * el, el)
     back_input_offsets = (my_base_J[None, :] + _exclusive_cumsum(my_counts_SJ, axis=0)).reshape(-1)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from emo_jax.model.layers import NEG_INF
+from emo_jax.model.attention import NEG_INF
 
 
 class Routing(NamedTuple):

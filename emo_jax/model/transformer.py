@@ -11,12 +11,14 @@ generation all run it; they differ only in what they pass:
   expert_mask_LR  bool [L, R]: only these routed experts exist (a subset applied by masking)
   cache           a KVCache: incremental decoding (one document per row, no pool)
   capture         names of per-layer intermediates to return (`emo_jax.model.moe.CAPTURES`)
-  logits=False    return the final-normed hidden states instead of the logits (a caller that
-                  fuses the output head with its loss)
+  targets_BS      also return each position's cross-entropy against these ids and the logits'
+                  log-sum-exp; with `model.loss_chunk` > 0 the output head is fused with the
+                  cross-entropy chunk by chunk and the [B, S, V] logits are never formed
 
 It returns a `ModelOutput`: logits, a typed per-layer `RoutingStats`, the captured
-intermediates and the updated cache. Blocks are created with `nnx.vmap` (parameters stacked on a
-leading layer axis) and run with `nnx.scan`, so compile time does not grow with depth.
+intermediates, the updated cache and the token losses. Blocks are created with `nnx.vmap`
+(parameters stacked on a leading layer axis) and run with `nnx.scan`, so compile time does not
+grow with depth.
 
 Glossary: B rows, S positions, D d_model, V vocabulary, L layers, R routed experts, N segment
 slots per row (= S), T cache slots, K key/value heads, Dh head dim.
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emo_jax.model import routing
+from emo_jax.model import cross_entropy, routing
 from emo_jax.model.layers import Attention, RMSNorm, param
 from emo_jax.model.model_config import ModelConfig
 from emo_jax.model.moe import CAPTURES, MoE, RoutingStats
@@ -61,11 +63,12 @@ class KVCache:
 class ModelOutput:
     """What the forward returns; per-layer arrays carry a leading [L] axis."""
 
-    logits_BSV: jax.Array | None  # float32 (None when called with logits=False)
+    logits_BSV: jax.Array | None  # float32 (None when the head is fused with the loss)
     routing: RoutingStats  # per layer and row
     captured: dict  # the requested intermediates, e.g. 'router_probs_BSR' -> [L, B, S, R]
     cache: KVCache | None = None  # the updated cache when one was given
-    hidden_BSD: jax.Array | None = None  # final-normed hidden states (logits=False)
+    token_loss_BS: jax.Array | None = None  # float32 cross-entropy per position (targets_BS)
+    lse_BS: jax.Array | None = None  # float32 log-sum-exp of each position's logits
 
 
 class Block(nnx.Module):
@@ -128,7 +131,7 @@ class Transformer(nnx.Module):
     def __call__(self, tokens_BS, segment_ids_BS=None, positions_BS=None, *, pool_key=None,
                  pool_size_LBN=None, expert_mask_LR=None, cache: KVCache | None = None,
                  cache_index=0, use_eval_pool: bool = True, capture: tuple[str, ...] = (),
-                 logits: bool = True) -> ModelOutput:
+                 targets_BS=None) -> ModelOutput:
         """The forward (module docstring). segment_ids_BS None: every token is real and each row
         is one document; positions_BS None: 0..S-1 (+ cache_index with a cache). With a cache,
         the S new tokens go to slots cache_index..cache_index+S-1 and routing has no pool."""
@@ -160,13 +163,16 @@ class Transformer(nnx.Module):
         x_BSD = self.embed[...][tokens_BS]
         x_BSD, (stats, captured, new_kv) = scan(x_BSD, self.blocks, per_layer)
         new_cache = None if new_kv is None else KVCache(*new_kv)
-        if not logits:
-            return ModelOutput(None, stats, captured, new_cache, self.final_norm(x_BSD))
-        return ModelOutput(self.logits(x_BSD), stats, captured, new_cache)
-
-    def logits(self, x_BSD):
-        """Final RMSNorm and output head: float32 logits [B, S, V]."""
+        out = ModelOutput(None, stats, captured, new_cache)
         x_BSD = self.final_norm(x_BSD)
-        dt = jnp.dtype(self.config.compute_dtype)
-        logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD.astype(dt), self.head[...].astype(dt))
-        return logits_BSV.astype(jnp.float32)
+        c = self.config
+        if targets_BS is not None and c.loss_chunk > 0:
+            out.token_loss_BS, out.lse_BS = cross_entropy.chunked_head_cross_entropy(
+                x_BSD, self.head[...], targets_BS, chunk=c.loss_chunk,
+                compute_dtype=c.compute_dtype)
+            return out
+        out.logits_BSV = cross_entropy.head_logits(x_BSD, self.head[...], c.compute_dtype)
+        if targets_BS is not None:
+            out.token_loss_BS, out.lse_BS = cross_entropy.token_cross_entropy(out.logits_BSV,
+                                                                              targets_BS)
+        return out

@@ -39,11 +39,11 @@ def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None
         Metrics `cross_entropy`, `output_z_loss`, `router_z_loss` are then such shares too.
     """
     m, moe, t = config.model, config.moe, config.train
-    out = model(batch["tokens"], batch["segment_ids"], batch["positions"], pool_key=pool_key,
-                expert_mask_LR=expert_mask_LR)
-    stats = out.routing
     targets_BS, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"])
-    ce_sum, out_z_sum, n_pred = losses.cross_entropy_sums(out.logits_BSV, targets_BS, mask_BS)
+    out = model(batch["tokens"], batch["segment_ids"], batch["positions"], pool_key=pool_key,
+                expert_mask_LR=expert_mask_LR, targets_BS=targets_BS)
+    stats = out.routing
+    ce_sum, out_z_sum, n_pred = losses.masked_sums(out.token_loss_BS, out.lse_BS, mask_BS)
     denom = jnp.maximum(n_pred if step_predicted is None else step_predicted, 1.0)
     ce, output_z = ce_sum / denom, out_z_sum / denom
 

@@ -255,12 +255,11 @@ def eval_sums(model, batch, config, expert_mask_LR=None):
     Returns dict of float32 [B]: `ce_sum` (summed token cross-entropy) and `predicted`
     (tokens predicted), so any grouping of rows (per domain) averages exactly.
     """
-    out = model(batch["tokens"], batch["segment_ids"], batch["positions"], pool_key=None,
-                expert_mask_LR=expert_mask_LR)
     targets_BS, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"])
-    loss_BS, _ = losses.token_cross_entropy(out.logits_BSV, targets_BS)
+    out = model(batch["tokens"], batch["segment_ids"], batch["positions"], pool_key=None,
+                expert_mask_LR=expert_mask_LR, targets_BS=targets_BS)
     maskf_BS = mask_BS.astype(jnp.float32)
-    return {"ce_sum": jnp.sum(loss_BS * maskf_BS, -1),
+    return {"ce_sum": jnp.sum(out.token_loss_BS * maskf_BS, -1),
             "predicted": jnp.sum(maskf_BS, -1)}
 
 
