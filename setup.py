@@ -36,6 +36,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
         "hf": ["tokenizers>=0.15"],
+        # lm-evaluation-harness for `emo-lm-eval` / `python -m emo_jax.lm_eval` (not in CI).
+        "lm_eval": ["lm-eval>=0.4,<0.5"],
         # libtpu for `emo-plan --topology=...` (TPU compile on any host): jax's own tpu extra
         # pins the libtpu that matches the installed jax (jax 0.10.2 -> libtpu 0.0.42.*).
         "tpu": ["jax[tpu]>=0.8,<0.13"],
@@ -52,6 +54,7 @@ setup(
             "emo-generate=emo_jax.generate:run",
             "emo-convert=emo_jax.convert:run",
             "emo-compose=emo_jax.compose:run",
+            "emo-lm-eval=emo_jax.lm_eval:run",
         ]
     },
 )

@@ -11,13 +11,18 @@ untied embeddings. AdamW 4e-3, betas (0.9, 0.95), weight decay 0.1 (none on embe
 1.0, 2,000 warm-up steps, cosine to 0.1 x peak over 1T tokens (238,419 steps); the reference's
 final linear anneal to 0 is a separate phase: rerun with `--config.train.anneal_steps=N`
 (and the anneal data) from the end of this one. Batch 1,024 x 4,096 tokens, document pools
-uniform over 8..128 experts, load balance over the global micro-batch ('micro_batch', as the
-reference; 'global' pools the statistics over the whole step), bfloat16 compute, float32
-parameters and optimiser state.
+uniform over 8..128 experts, load balance over groups of 512 rows (`moe.balance_group_rows`:
+the reference's lb_global_batch_size, 4 rows x 128 GPUs; two strided groups per step,
+independent of the 8 micro-batches), eos opening every document with the eos -> next-document
+target trained (`data.boundary='eos_opens'`), every matrix initialised from a normal truncated
+at +-3 std (`model.init`), as the reference; bfloat16 compute, float32 parameters and
+optimiser state.
 
 Layout: 127 routed experts is a prime number, so expert parallelism cannot split them; the
 parameters are fully sharded over all devices ('fsdp'), 8 micro-batches of 128 rows per step,
-full rematerialisation. Adjust `mesh.*`, `train.micro_batches` and `model.remat` to the pod
+full rematerialisation, memory-efficient attention and the output head fused with the
+cross-entropy over 512-position chunks. `python -m emo_jax.plan --config=configs/emo_1b14b.py
+--topology=v5p-128` tells whether a pod fits before launch. Adjust `mesh.*`, `train.micro_batches` and `model.remat` to the pod
 (`python -m emo_jax.summary --config=configs/emo_1b14b.py` prints the sizes).
 """
 
@@ -39,6 +44,9 @@ def get_config(arg=None):
     m.qk_norm = False
     m.compute_dtype = "bfloat16"
     m.remat = "full"
+    m.attention = "auto"  # splash on TPU, chunked flash attention elsewhere at this length
+    m.loss_chunk = 512  # the output head fused with the loss: no [tokens, 100k] float32 logits
+    m.init = "truncated_normal"  # the reference: N(0, 0.02^2) cut at +-3 std
     e = c.moe
     e.num_experts = 128
     e.num_shared_experts = 1
@@ -50,12 +58,14 @@ def get_config(arg=None):
     e.eval_pool = 0
     e.balance_weight = 0.1
     e.router_z_weight = 0.001
-    e.balance_scope = "micro_batch"
+    e.balance_scope = "global"  # replaced by the groups below
+    e.balance_group_rows = 512  # the reference's lb_global_batch_size (4 rows x 128 GPUs)
     d = c.data
     d.tokenizer = "hf:dolma2-tokenizer/tokenizer.json"
     d.seq_len = 4096
     d.batch_size = 1024
     d.packing = "concat_then_split"
+    d.boundary = "eos_opens"  # the reference: eos opens a document, eos -> next doc trained
     d.worker_count = 4
     d.prefetch = 4
     t = c.train

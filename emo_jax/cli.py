@@ -84,9 +84,45 @@ def initialize_distributed():
 
 
 def quiet_logging():
-    """WARNING and above unless --verbosity/-v was given (Orbax logs every file at INFO)."""
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    """WARNING and above unless --verbosity/-v was given (Orbax logs every file at INFO).
+
+    Without --verbosity, Orbax's own log records (the tracebacks it logs from its background
+    threads when a save or restore fails) are dropped too, as are the "Event loop is closed"
+    tracebacks that TensorStore callbacks print after a failed Orbax operation: every such
+    failure reaches emo_jax as an exception and is reported in one line. Pass --verbosity=0
+    (or higher) to see them.
+    """
+    if flags.FLAGS["verbosity"].present:
+        return
+    logging.set_verbosity(logging.WARNING)
+    import logging as std_logging  # pylint: disable=g-import-not-at-top
+
+    class _NoOrbax(std_logging.Filter):
+        def filter(self, record):
+            return (f"{os.sep}orbax{os.sep}" not in (record.pathname or "")
+                    and record.name != "asyncio")  # futures of a failed Orbax save
+
+    std_logging.getLogger("asyncio").addFilter(_NoOrbax())
+    for handler in [logging.get_absl_handler(), *std_logging.getLogger().handlers]:
+        if not any(isinstance(f, _NoOrbax) for f in handler.filters):
+            handler.addFilter(_NoOrbax())
+    previous = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return  # an asyncio callback of a failed Orbax operation, already reported
+        previous(kind, value, tb)
+
+    sys.excepthook = excepthook
+    previous_unraisable = sys.unraisablehook
+
+    def unraisablehook(unraisable):
+        if (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            return
+        previous_unraisable(unraisable)
+
+    sys.unraisablehook = unraisablehook
 
 
 def refuse_existing_output(path: str, flag: str = "--out", *, overwrite: bool = False,

@@ -41,6 +41,9 @@ def default_config() -> ml_collections.ConfigDict:
     m.norm_eps = 1e-6  # RMSNorm epsilon
     m.qk_norm = False  # RMSNorm on queries and keys per head (off in the reference)
     m.init_std = 0.02  # std of the normal initialiser of every weight matrix
+    # Distribution of every weight matrix: 'normal' (N(0, init_std^2)) | 'truncated_normal'
+    # (N(0, init_std^2) cut at +-3 init_std, not rescaled, as the reference's trunc_normal_).
+    m.init = "normal"
     m.compute_dtype = "float32"  # matmul dtype: 'float32' | 'bfloat16' (params stay float32)
     m.remat = "none"  # activation rematerialisation per block: 'none' | 'full' | 'dots'
     # Attention kernel (emo_jax/model/attention.py): 'auto' (splash on TPU, chunked on GPU;
@@ -66,12 +69,21 @@ def default_config() -> ml_collections.ConfigDict:
     e.router_z_weight = 0.001  # total router z-loss weight, split evenly over layers
     # Over what the balance statistics are summed before the loss is formed:
     # 'global' (whole global batch, all micro-batches of a step), 'micro_batch' (each
-    # accumulation micro-step separately: the reference), 'local' (each device shard: ablation),
-    # 'sequence' (each packed row: ablation).
+    # accumulation micro-step separately), 'local' (each device shard: ablation), 'sequence'
+    # (each packed row: ablation). Groups of a fixed number of rows: moe.balance_group_rows.
     e.balance_scope = "global"
-    # Local grouped expert matmul, all dropless: 'auto' (ragged_dot on TPU, looped on CPU,
-    # blocked on GPU), 'ragged_dot', 'blocked' (one batched matmul over expert groups padded to
-    # block_size), 'looped' (a loop over the used blocks, plain matmuls: fastest on CPU).
+    # Balance groups of this many rows of the global batch, independent of micro-batching
+    # (0 = off: moe.balance_scope decides). With B rows there are K = B / balance_group_rows
+    # groups; group k holds rows k, k+K, k+2K, ... (strided like micro-batches, so rows/M makes
+    # a group equal to a micro-batch, B equals 'global'); each group gets its own balance loss
+    # and the losses are averaged over the K groups. Must divide data.batch_size and divide or
+    # be a multiple of the rows of one micro-batch; needs moe.balance_scope='global'.
+    # The reference reduces over 512 rows (lb_global_batch_size).
+    e.balance_group_rows = 0
+    # Local grouped expert matmul, all dropless: 'auto' (megablox on TPU, looped on CPU,
+    # blocked on GPU), 'megablox' (the Pallas TPU grouped-matmul kernel), 'ragged_dot',
+    # 'blocked' (one batched matmul over expert groups padded to block_size), 'looped' (a loop
+    # over the used blocks, plain matmuls: fastest on CPU).
     e.grouped_matmul = "auto"
     e.block_size = 128  # rows per block of the 'blocked' and 'looped' grouped matmuls
     # 'blocked' runs its blocks in rematerialised chunks of at most this many (0 = all at once),
@@ -100,6 +112,12 @@ def default_config() -> ml_collections.ConfigDict:
     d.read_threads = 2  # threads reading and tokenizing documents per process (0 = inline)
     d.prefetch = 2  # batches prefetched
     d.on_bad_record = "skip"  # 'skip' (count it) | 'error'
+    # Where eos sits at a document boundary (docs/METHOD.md section 7), in training and
+    # evaluation alike: 'eos_closes' (eos ends its document; a segment's last token predicts
+    # nothing) | 'eos_opens' (every document starts with eos, as the reference's stream does,
+    # and a segment's last token predicts the first token of the next segment of its row: the
+    # eos, so "the document ends here" is trained, as in the reference).
+    d.boundary = "eos_closes"
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 200  # optimiser steps
@@ -149,6 +167,9 @@ def default_config() -> ml_collections.ConfigDict:
     k.keep = 3  # checkpoints kept
     k.async_save = True  # save in the background while training continues
     k.save_on_signal = True  # on SIGTERM/SIGINT: save a checkpoint, then exit (preemption)
+    # test hook: the save of step N runs under a 64 KiB file-size limit (RLIMIT_FSIZE), so its
+    # writes fail with EFBIG as on a full disk or quota (0 = off)
+    k.inject_save_failure_step = 0
     return c
 
 
@@ -156,12 +177,14 @@ _CHOICES = {
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
     "model.attention": ("auto", "dense", "chunked", "cudnn", "splash"),
+    "model.init": ("normal", "truncated_normal"),
     "moe.pool": ("document", "none"),
     "moe.balance_scope": ("global", "micro_batch", "local", "sequence"),
-    "moe.grouped_matmul": ("auto", "ragged_dot", "blocked", "looped"),
+    "moe.grouped_matmul": ("auto", "megablox", "ragged_dot", "blocked", "looped"),
     "moe.dispatch": ("auto", "capacity", "ragged"),
     "data.packing": ("first_fit", "best_fit", "concat_then_split"),
     "data.on_bad_record": ("skip", "error"),
+    "data.boundary": ("eos_closes", "eos_opens"),
     "train.schedule": ("cosine", "linear", "constant"),
 }
 
@@ -180,6 +203,7 @@ _INTEGERS = {
     "model.attention_chunk": (1, "an integer >= 1 (positions per chunk)"),
     "model.loss_chunk": (0, "an integer >= 0 (positions per chunk; 0 = dense logits)"),
     "moe.blocked_chunk_blocks": (0, "an integer >= 0 (blocks per chunk; 0 = all at once)"),
+    "moe.balance_group_rows": (0, "an integer >= 0 (rows per balance group; 0 = off)"),
 }
 
 _NON_NEGATIVE = (
@@ -188,7 +212,7 @@ _NON_NEGATIVE = (
     "data.seed", "data.num_epochs", "data.worker_count", "data.read_threads", "data.prefetch",
     "train.warmup_steps", "train.final_lr_fraction", "train.anneal_steps", "train.weight_decay",
     "train.clip_norm", "train.output_z_weight", "train.eval_every", "train.peak_tflops",
-    "train.inject_nonfinite_step",
+    "train.inject_nonfinite_step", "checkpoint.inject_save_failure_step",
 )
 
 
@@ -249,6 +273,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(config.data.batch_size % config.train.micro_batches == 0,
              f"data.batch_size ({config.data.batch_size}) must be divisible by "
              f"train.micro_batches ({config.train.micro_batches})")
+    _check_balance_groups(config)
     t = config.train
     for key in ("b1", "b2"):
         _require(isinstance(t[key], (int, float)) and 0 <= t[key] < 1,
@@ -271,6 +296,20 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             _require(axis in ("data", "fsdp", "expert"), f"config key 'mesh.rules.{name}' is "
                      f"{target!r}; valid: '' or mesh axes among data, fsdp, expert (comma-joined)")
     return config
+
+
+def _check_balance_groups(config):
+    rows, micro = config.moe.balance_group_rows, config.train.micro_batches
+    if rows == 0:
+        return
+    batch, scope = config.data.batch_size, config.moe.balance_scope
+    _require(scope == "global", f"moe.balance_group_rows ({rows}) replaces moe.balance_scope, "
+             f"which must then stay 'global' (it is {scope!r}); set one or the other")
+    per_micro = batch // micro
+    _require(batch % rows == 0 and (per_micro % rows == 0 or rows % per_micro == 0),
+             f"moe.balance_group_rows ({rows}) must divide data.batch_size ({batch}) and divide "
+             f"or be a multiple of the rows of one micro-batch ({per_micro} = data.batch_size / "
+             f"train.micro_batches)")
 
 
 def routed_experts(config: ml_collections.ConfigDict) -> int:

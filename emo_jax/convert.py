@@ -2,17 +2,23 @@
 
     python -m emo_jax.convert --from_hf=HF_DIR --out=MODEL_DIR
     python -m emo_jax.convert --checkpoint=WORKDIR_OR_MODEL_DIR --to_hf=HF_DIR \
-        [--step=N] [--dtype=float32|bfloat16] [--max_shard_size=5GB]
+        [--step=N] [--dtype=float32|bfloat16] [--max_shard_size=5GB] \
+        [--remote_code=ORG/REPO|local] [--pad_token_id=N --eos_token_id=N --bos_token_id=N]
 
 Import writes a standalone emo_jax model directory (`model_files.py: save_model`) that
 train (`--init_checkpoint`), eval, select, extract and generate read like any other; its
 metadata.json records the source (`source`: path, config.json hash, weight files, the Hugging
-Face config) and what the conversion noticed (`notes`). A `tokenizer.json` beside the weights is
-copied into MODEL_DIR/tokenizer/ and becomes `data.tokenizer`.
+Face config), the special token ids it was served with (`token_ids`) and what the conversion
+noticed (`notes`). A `tokenizer.json` (with `tokenizer_config.json`, `special_tokens_map.json`)
+or a SentencePiece `tokenizer.model` beside the weights is copied into MODEL_DIR/tokenizer/ and
+becomes `data.tokenizer` (relative to MODEL_DIR). Routing options of the reference that emo_jax
+does not implement (`always_active_experts`, per-layer shared counts, ...) are refused.
 
-Export writes config.json (with the emo_jax config and lineage under the extra key `emo_jax`),
-`model.safetensors` or shards with `model.safetensors.index.json`, and the tokenizer files when
-`data.tokenizer` is a Hugging Face tokenizer.
+Export writes config.json with every key the reference's `EmoConfig` reads (the special token
+ids: --*_token_id, else the imported model's, else the tokenizer's, each within the vocabulary;
+with --remote_code an `auto_map`), the emo_jax config and lineage under the extra key `emo_jax`,
+`model.safetensors` or shards with `model.safetensors.index.json`, and the tokenizer's files
+(tokenizer.json and companions, or a SentencePiece model as tokenizer.model).
 
 Both directions write the output directory atomically: everything goes to a hidden sibling
 `.NAME.converting-*` that is renamed to NAME only when complete, and removed on failure. An
@@ -45,7 +51,17 @@ _MAX_SHARD = flags.DEFINE_string(
     "max_shard_size", "5GB", "Largest safetensors file written; more tensors go to further "
     "shards listed in model.safetensors.index.json (e.g. 5GB, 500MB, bytes).")
 
-# Tokenizer files carried along in both directions (the rest of a HF folder is not needed).
+_REMOTE_CODE = flags.DEFINE_string(
+    "remote_code", None, "Export: write an auto_map to the reference's remote code "
+    "(configuration_emo.EmoConfig, modeling_emo.EmoForCausalLM): ORG/REPO for a hub repository "
+    "holding configuration_emo.py and modeling_emo.py, or 'local' for those files placed next "
+    "to config.json.")
+_PAD_ID = flags.DEFINE_integer("pad_token_id", None, "Export: pad_token_id to write (default: "
+                               "the imported model's, else the tokenizer's).")
+_EOS_ID = flags.DEFINE_integer("eos_token_id", None, "Export: eos_token_id to write (default: "
+                               "the imported model's, else the tokenizer's).")
+_BOS_ID = flags.DEFINE_integer("bos_token_id", None, "Export: bos_token_id to write (default: "
+                               "the imported model's, else the tokenizer's).")
 
 
 def main(argv):
@@ -67,7 +83,10 @@ def main(argv):
             if not (_CHECKPOINT.value and _TO_HF.value):
                 fail("export needs both --checkpoint=DIR and --to_hf=DIR")
             export_hf(_CHECKPOINT.value, _TO_HF.value, step=_STEP.value, dtype=_DTYPE.value,
-                      max_shard_bytes=safetensors_io.parse_size(_MAX_SHARD.value))
+                      max_shard_bytes=safetensors_io.parse_size(_MAX_SHARD.value),
+                      token_ids={"pad_token_id": _PAD_ID.value, "eos_token_id": _EOS_ID.value,
+                                 "bos_token_id": _BOS_ID.value},
+                      remote_code=_REMOTE_CODE.value)
     except (InteropError, CheckpointError, ConfigError, OSError) as err:
         fail(str(err))
 

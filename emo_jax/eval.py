@@ -2,12 +2,13 @@
 
     python -m emo_jax.eval --checkpoint=WORKDIR_OR_MODEL --data=PATH [--by_domain] \\
         [--subset=subset.json] [--out=FILE.json] [--step=N] [--batch_size=N] [--seq_len=N] \\
-        [--max_documents=N] [--request_log=FILE.jsonl]
+        [--max_documents=N] [--request_log=FILE.jsonl] [--eval_pool=N]
 
 PATH is any data spec (`emo_jax/data/sources.py`: JSONL, text files, ArrayRecord, tfds:...,
 '' = the bundled eval split). The documents are packed into rows (no shuffle, every document
 once), the model runs without document pools (as served: `moe.eval_pool`, default plain
-top-k), and the loss is the mean next-token cross-entropy in nats per token over every
+top-k; --eval_pool=32 evaluates as the reference does during training, with a fixed pool of 32
+experts per segment), and the loss is the mean next-token cross-entropy in nats per token over every
 predicted token; perplexity = exp(loss). With --by_domain, the same per domain of the
 documents' `domain` field (documents without one count under '(none)'). --request_log appends
 one JSON line per document: how many routed assignments each expert of each layer made for its
@@ -33,7 +34,7 @@ from emo_jax.cli import (fail, initialize_distributed, parse_flags, quiet_loggin
                          refuse_existing_output, write_text_atomically)
 from emo_jax.config import ConfigError
 from emo_jax.data.sources import DataError, read_documents
-from emo_jax.evaluation import evaluate
+from emo_jax.evaluation import evaluate, with_eval_pool
 from emo_jax.model_files import CheckpointError, restore_model
 from emo_jax.modular import subset as subset_lib
 from emo_jax.modular.request_log import RequestLog
@@ -52,6 +53,10 @@ _SEQ = flags.DEFINE_integer("seq_len", None, "Tokens per row (default: data.seq_
 _MAX_DOCS = flags.DEFINE_integer("max_documents", None, "Evaluate at most this many documents.")
 _SUBSET = flags.DEFINE_string("subset", None, "Subset file (python -m emo_jax.select): evaluate "
                               "only its experts, by masking the others.")
+_EVAL_POOL = flags.DEFINE_integer(
+    "eval_pool", None, "Fixed pool of this many experts per segment (moe.eval_pool; 0 = none, "
+    "plain top-k as served; 32 = the reference's training-time evaluation). Default: the "
+    "checkpoint's moe.eval_pool.")
 _REQUEST_LOG = flags.DEFINE_string("request_log", None, "Append which experts of each layer "
                                    "served each document to this JSONL file.")
 
@@ -65,6 +70,8 @@ def main(argv):
     try:
         initialize_distributed()
         model, config, metadata = restore_model(_CHECKPOINT.value, step=_STEP.value)
+        if _EVAL_POOL.value is not None:
+            model, config = with_eval_pool(model, config, _EVAL_POOL.value)
         mask = None
         if _SUBSET.value:
             subset = subset_lib.load(_SUBSET.value)
@@ -85,7 +92,8 @@ def main(argv):
     except (ConfigError, CheckpointError, DataError, FileNotFoundError, OSError) as err:
         fail(str(err))
     result = {"checkpoint": os.path.abspath(_CHECKPOINT.value), "step": metadata.get("step"),
-              "data": _DATA.value, "subset": _SUBSET.value, **result}
+              "data": _DATA.value, "subset": _SUBSET.value,
+              "eval_pool": config.moe.eval_pool, **result}
     if not _BY_DOMAIN.value:
         result.pop("by_domain")
     if jax.process_index() == 0:

@@ -13,12 +13,14 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from emo_jax import parallel
-from emo_jax.config import routed_experts
+from emo_jax.config import routed_experts, validate
+from emo_jax.data import packing
 from emo_jax.data.pipeline import pack_documents
 from emo_jax.data.tokenizers import make_tokenizer
 from emo_jax.model import losses
@@ -28,11 +30,25 @@ from emo_jax.modular.request_log import DocumentCounter
 NO_DOMAIN = "(none)"
 
 
-def token_losses(model, batch, expert_mask_LR=None, assignments: bool = False):
+def with_eval_pool(model, config, eval_pool: int):
+    """(model, config) evaluating with a fixed pool of `eval_pool` experts per segment
+    (`moe.eval_pool`; 0 = none, plain top-k as the model is served). 32 reproduces the
+    reference's training-time evaluation (docs/METHOD.md section 6). Sets the model's own
+    setting in place; the config returned is a validated copy."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.moe.eval_pool = int(eval_pool)
+    validate(config)
+    model.config = model.config.replace(eval_pool=int(eval_pool))
+    return model, config
+
+
+def token_losses(model, batch, expert_mask_LR=None, assignments: bool = False,
+                 opening_eos: int | None = None):
     """(ce_BS, predicted_BS): float32 next-token cross-entropy and the mask of predicted tokens;
     with `assignments`, also the int32 [L, B, S, K] routed expert of every assignment (-1 =
-    none)."""
-    targets_BS, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"])
+    none). `opening_eos`: `packing.opening_eos(config)` (which positions are predicted)."""
+    targets_BS, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"],
+                                                    opening_eos)
     out = model(batch["tokens"], batch["segment_ids"], batch["positions"], pool_key=None,
                 expert_mask_LR=expert_mask_LR, capture=("expert_idx",) if assignments else (),
                 targets_BS=targets_BS)
@@ -66,7 +82,8 @@ def evaluate(model, config, docs: list[dict], *, expert_mask_LR=None, batch_size
 
     @jax.jit
     def step(params, batch, mask):
-        return token_losses(nnx.merge(graphdef, params), batch, mask, assignments=routing)
+        return token_losses(nnx.merge(graphdef, params), batch, mask, assignments=routing,
+                            opening_eos=packing.opening_eos(config))
 
     counter = DocumentCounter(config.model.num_layers, routed_experts(config))
 
@@ -77,7 +94,8 @@ def evaluate(model, config, docs: list[dict], *, expert_mask_LR=None, batch_size
     with jax.set_mesh(mesh):
         for batch in pack_documents(docs, tokenizer, seq_len, batch_size,
                                     packing=config.data.packing,
-                                    packing_bins=config.data.packing_bins):
+                                    packing_bins=config.data.packing_bins,
+                                    boundary=config.data.boundary):
             doc_ids = np.asarray(batch.pop("document_ids"))
             host = {k: np.asarray(v)[rows] for k, v in batch.items()}
             ce, predicted, *idx = step(params, parallel.host_to_global(host, mesh), mask)

@@ -55,6 +55,7 @@ def main(argv):
             small, small_config, report = extract.extract(model, config, subset)
             path = save_model(_OUT.value, small, small_config, metadata={
                 "step": metadata.get("step"),
+                **({"token_ids": metadata["token_ids"]} if "token_ids" in metadata else {}),
                 "extracted_from": os.path.abspath(_CHECKPOINT.value),
                 "subset": subset.to_json(),
                 "extract": report,

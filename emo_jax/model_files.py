@@ -8,9 +8,15 @@ Standalone model directory (`save_model`; what the extract, convert and compose 
                                     stacked blocks chunked one layer per chunk and the expert
                                     stacks one expert of one layer per chunk (`param_save_args`),
                                     so single experts can be read
-      config.json                   the full config (`ConfigDict.to_json`)
+      config.json                   the full config (`ConfigDict.to_json`); `data.tokenizer`
+                                    names the files in tokenizer/ relative to MODEL
+      tokenizer/                    the tokenizer's files (SentencePiece .model, or
+                                    tokenizer.json and its companions); absent for 'byte'
       metadata.json                 {"format": "emo_jax.model", "format_version": 1, "step",
                                      "summary": {...}, ...caller's metadata}
+      checksums.json                checksums of every array's values (emo_jax/checksums.py),
+                                    verified on restore; absent in directories written before
+                                    them (read unverified)
 
 A training workdir (emo_jax/train/checkpoint.py) holds the same params tree in every
 `checkpoints/<step>/params/` item, next to `meta/` (JSON: step, config, ...); the other items
@@ -25,8 +31,10 @@ a model directory also works as `--init_checkpoint` for training, whose run adop
 shape saved with it (`adopt_shape`).
 
 Guarantees: a checkpoint of another model shape is refused with `CheckpointMismatchError`
-naming the differing config keys and arrays; an unreadable latest checkpoint is reported and
-the previous one used; nothing here deletes or overwrites a complete checkpoint or model.
+naming the differing config keys and arrays; an unreadable or corrupt (checksum mismatch)
+latest checkpoint of a workdir is reported in one warning line naming it and the step used
+instead, and the previous one used; an explicit step or a model directory that is unreadable
+or corrupt raises CheckpointError naming it; nothing here deletes or overwrites a complete checkpoint or model.
 Everything is read through Orbax and JSON; nothing is unpickled.
 """
 
@@ -43,8 +51,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from emo_jax import parallel
+from emo_jax import checksums, parallel
 from emo_jax.config import SHAPE_KEYS, ConfigError, default_config, validate
+from emo_jax.data import tokenizers
 from emo_jax.model.summary import summarize
 from emo_jax.model.transformer import Transformer
 from emo_jax.model.model_config import ModelConfig
@@ -67,6 +76,14 @@ class CheckpointError(RuntimeError):
 
 class CheckpointMismatchError(CheckpointError):
     """The checkpoint holds a model of another shape than the config describes."""
+
+
+def describe_failure(err: BaseException) -> tuple[str, str]:
+    """('corrupt' | 'unreadable', one-line reason) of a checkpoint that failed to restore."""
+    if isinstance(err, checksums.ChecksumMismatch):
+        return "corrupt", str(err)
+    text = str(err).strip().splitlines()
+    return "unreadable", f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
 
 
 # ---------------------------------------------------------------------------- pytrees
@@ -239,14 +256,19 @@ def load_params(path: str, target_params, config, *, step: int | None = None):
         params_dir = os.path.join(directory, "params")
         check_shapes(checkpointer.metadata(params_dir).item_metadata, target, directory,
                      saved_config, config)
-        restored = checkpointer.restore(params_dir, target)
+        try:
+            restored = checkpointer.restore(params_dir, target)
+            checksums.verify(restored, "params", read_checksums(directory))
+        except Exception as err:  # noqa: BLE001
+            state, reason = describe_failure(err)
+            raise CheckpointError(f"model directory {directory} is {state}: {reason}") from None
         return like_keys(restored, target_params), saved_config, dict(metadata, kind="model",
                                                                       path=directory)
     manager = checkpoint_manager(directory, None, False, read_only=True)
     steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
     if not steps:
         raise CheckpointError(f"no checkpoint in {directory}")
-    errors = []
+    failures = []
     for s in steps:
         where = os.path.join(directory, str(s))
         try:
@@ -255,27 +277,37 @@ def load_params(path: str, target_params, config, *, step: int | None = None):
                          config)
             restored = manager.restore(s, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(target)))["params"]
+            checksums.verify(restored, "params", meta.get("checksums"))
         except CheckpointMismatchError:
             raise
         except Exception as err:  # noqa: BLE001
+            state, reason = describe_failure(err)
             if step is not None:
-                raise CheckpointError(f"checkpoint {where} is unreadable: "
-                                      f"{type(err).__name__}: {err}") from err
-            logging.warning("checkpoint %s is unreadable (%s); trying the previous one", where,
-                            type(err).__name__)
-            errors.append(where)
+                raise CheckpointError(f"checkpoint {where} is {state}: {reason}") from None
+            failures.append((where, state, reason))
             continue
-        metadata = {k: v for k, v in meta.items() if k != "config"}
+        for bad, state, reason in failures:  # one line each, now that the step used is known
+            logging.warning("checkpoint %s is %s (%s); using step %d instead", bad, state,
+                            reason, s)
+        metadata = {k: v for k, v in meta.items() if k not in ("config", "checksums")}
         return (like_keys(restored, target_params), meta["config"],
                 dict(metadata, kind="workdir", path=where, step=s))
-    raise CheckpointError(f"no readable checkpoint in {directory} (tried {', '.join(errors)})")
+    raise CheckpointError(
+        f"no readable checkpoint in {directory} (tried "
+        f"{', '.join(os.path.basename(w) for w, _, _ in failures)}; newest is {failures[0][1]}: "
+        f"{failures[0][2]})")
 
 
 def _saved_config(path: str, step: int | None) -> dict:
     kind, directory, step = _resolve(path, step)
     if kind == "model":
         with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
-            return json.load(f)
+            saved = json.load(f)
+        data = saved.get("data")
+        if isinstance(data, dict) and isinstance(data.get("tokenizer"), str):
+            # the tokenizer's files live in the model directory, named relative to it
+            data["tokenizer"] = tokenizers.resolve_spec(data["tokenizer"], directory)
+        return saved
     manager = checkpoint_manager(directory, None, False, read_only=True)
     steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
     for s in steps:
@@ -289,8 +321,10 @@ def _saved_config(path: str, step: int | None) -> dict:
 
 def adopt_shape(config, path: str):
     """`config` with the model shape of the checkpoint at `path` (ADOPTED_KEYS), so that e.g. an
-    extracted model (fewer experts) fine-tunes without --config.moe.num_experts=K. Logs each
-    key it changes; returns a validated copy (or `config` itself when nothing changes)."""
+    extracted model (fewer experts) fine-tunes without --config.moe.num_experts=K. A config
+    left at the default tokenizer ('byte') also takes the checkpoint's `data.tokenizer` when
+    its files exist (a model directory's own `tokenizer/`). Logs each key it changes; returns
+    a validated copy (or `config` itself when nothing changes)."""
     try:
         saved = _saved_config(path, None)
     except CheckpointError:
@@ -298,6 +332,11 @@ def adopt_shape(config, path: str):
     now = config_dict(config)
     changes = [(k, _get(now, k), _get(saved, k)) for k in ADOPTED_KEYS
                if _get(saved, k) is not None and _get(saved, k) != _get(now, k)]
+    saved_tokenizer = _get(saved, "data.tokenizer")
+    if (config.data.tokenizer == "byte" and isinstance(saved_tokenizer, str)
+            and tokenizers.spec_files(saved_tokenizer)):
+        # a run left at the default tokenizer uses the checkpoint's (files that exist)
+        changes.append(("data.tokenizer", "byte", saved_tokenizer))
     if not changes:
         return config
     config = ml_collections.ConfigDict(config.to_dict())
@@ -325,20 +364,24 @@ def locate_params(path: str, step: int | None = None) -> tuple[str, dict, dict]:
             raise CheckpointError(f"{directory}/metadata.json is not an emo_jax model "
                                   f"(format {metadata.get('format')!r})")
         return (os.path.join(directory, "params"), _saved_config(directory, None),
-                dict(metadata, kind="model", path=directory))
+                dict(metadata, kind="model", path=directory,
+                     checksums=read_checksums(directory)))
     manager = checkpoint_manager(directory, None, False, read_only=True)
     steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+    failures = []
     for s in steps:
         where = os.path.join(directory, str(s))
         try:
             meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as err:  # noqa: BLE001
+            state, reason = describe_failure(err)
             if step is not None:
-                raise CheckpointError(f"checkpoint {where} is unreadable: "
-                                      f"{type(err).__name__}: {err}") from err
-            logging.warning("checkpoint %s is unreadable (%s); trying the previous one", where,
-                            type(err).__name__)
+                raise CheckpointError(f"checkpoint {where} is {state}: {reason}") from None
+            failures.append((where, state, reason))
             continue
+        for bad, state, reason in failures:
+            logging.warning("checkpoint %s is %s (%s); using step %d instead", bad, state,
+                            reason, s)
         metadata = {k: v for k, v in meta.items() if k != "config"}
         return (os.path.join(where, "params"), meta["config"],
                 dict(metadata, kind="workdir", path=where, step=s))
@@ -387,6 +430,24 @@ def param_save_args(params: dict):
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def read_checksums(directory: str) -> dict | None:
+    """The checksums record of a model directory (None: written before checksums existed)."""
+    path = os.path.join(directory, checksums.FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is unreadable: {type(err).__name__}: {err}") from None
+
+
+def write_checksums(directory: str, arrays: dict):
+    """Writes a model directory's checksums.json ({name: entry} of `checksums.tree_checksums`)."""
+    with open(os.path.join(directory, checksums.FILE), "w", encoding="utf-8") as f:
+        json.dump(checksums.record(arrays), f, indent=1, sort_keys=True)
+
+
 def save_model(path: str, model, config, metadata: dict | None = None, *,
                overwrite: bool = False):
     """Writes a standalone params-only model directory (layout in the module docstring).
@@ -410,6 +471,7 @@ def save_params(path: str, params: dict, config, metadata: dict | None = None, *
         shutil.rmtree(partial)  # an earlier interrupted save: never a complete model
     parallel.barrier("emo_jax_save_model_start")
     params = str_keys(params)
+    sums = checksums.tree_checksums(params, "params")  # every process (a collective)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(partial, "params"), params,
                       save_args=param_save_args(params))
@@ -418,10 +480,15 @@ def save_params(path: str, params: dict, config, metadata: dict | None = None, *
         info = dict(metadata or {}, format=MODEL_FORMAT, format_version=MODEL_FORMAT_VERSION,
                     summary=summarize(ModelConfig.from_config(config), config.data.seq_len),
                     saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        spec = tokenizers.bundle_spec(config.data.tokenizer, partial)  # tokenizer/ travels
+        if spec != config.data.tokenizer:
+            config = ml_collections.ConfigDict(config.to_dict())
+            config.data.tokenizer = spec
         with open(os.path.join(partial, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json(indent=2))
         with open(os.path.join(partial, "metadata.json"), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2, sort_keys=True)
+        write_checksums(partial, sums)
         if os.path.exists(path):
             old = path + f".old-{os.getpid()}"
             os.rename(path, old)

@@ -48,6 +48,8 @@ def main(argv):
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         os.environ.setdefault("TPU_MIN_LOG_LEVEL", "2")
         os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "2")
+        # Compiling for a topology opens no TPU: several plans may run at once on one host.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from emo_jax.config import ConfigError, validate
     from emo_jax.train import plan as plan_lib
 

@@ -84,3 +84,36 @@ def test_eval_cli_bad_checkpoint_is_one_line(tmp_path, data_file):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: no emo_jax checkpoint"), proc.stderr
+
+
+def test_eval_pool_is_honoured_by_the_library_and_the_cli(reference, data_file, cli_result,
+                                                          tmp_path):
+    """moe.eval_pool (a fixed pool per segment, the reference's training-time evaluation uses
+    32): 0 by default (plain top-k, as served); a pool smaller than R changes the loss, and
+    `python -m emo_jax.eval --eval_pool=P` reports what the library computes."""
+    from emo_jax.evaluation import with_eval_pool
+
+    model, config, _ = restore_model(reference)
+    assert config.moe.eval_pool == 0 and cli_result[0]["eval_pool"] == 0
+    docs = read_documents(data_file)
+    plain = evaluate(model, config, docs)
+    assert plain["loss"] == pytest.approx(cli_result[0]["loss"], rel=1e-6)
+    model, pooled_config = with_eval_pool(model, config, 4)  # R = 15 routed experts
+    assert model.config.eval_pool == 4 and pooled_config.moe.eval_pool == 4
+    pooled = evaluate(model, pooled_config, docs)
+    assert pooled["tokens"] == plain["tokens"]
+    assert abs(pooled["loss"] - plain["loss"]) > 1e-4  # the pool restricts routing
+    # what the forward computes by itself with pool_key=None and moe.eval_pool=4
+    same, _ = with_eval_pool(restore_model(reference)[0], config, 4)
+    assert evaluate(same, pooled_config, docs)["loss"] == pytest.approx(pooled["loss"], rel=1e-6)
+    out = tmp_path / "pooled.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "emo_jax.eval", f"--checkpoint={reference}", f"--data={data_file}",
+         "--eval_pool=4", f"--out={out}"],
+        cwd=th.REPO, env=th.cli_env(), text=True, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["eval_pool"] == 4
+    assert result["loss"] == pytest.approx(pooled["loss"], rel=1e-5)
+    with pytest.raises(Exception, match="eval_pool"):
+        with_eval_pool(model, config, 1)  # below top_k (2): refused

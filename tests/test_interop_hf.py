@@ -217,7 +217,8 @@ def test_parse_size():
 
 
 def test_tokenizer_files_travel_both_ways(tmp_path):
-    cfg, tensors = hand_made_hf()
+    # the ids come from the imported config, so the (fake) tokenizer is never read
+    cfg, tensors = hand_made_hf(pad_token_id=0, eos_token_id=1, bos_token_id=None)
     write_hf_model(tmp_path / "hf", cfg, tensors)
     (tmp_path / "hf" / "tokenizer.json").write_text('{"fake": "tokenizer"}')
     (tmp_path / "hf" / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
@@ -507,3 +508,288 @@ def test_cli_reports_one_clear_line(tmp_path):
         "needs config.json"
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+# ------------------------------------ exports the reference loader accepts (issue 15, item 1)
+
+# Every argument of the reference's `EmoConfig.__init__` (allenai/EMO,
+# src/hf_trust_remote_code/emo/configuration_emo.py) that changes the model it builds; an
+# export writes each explicitly so that none of the loader's defaults (pad_token_id 100277,
+# eos_token_id 100257, ...) applies. num_experts_per_layer: subsets only.
+LOADER_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range",
+    "rms_norm_eps", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id",
+    "tie_word_embeddings", "rope_theta", "rope_scaling", "attention_bias", "attention_dropout",
+    "num_experts_per_tok", "num_experts", "output_router_logits", "router_aux_loss_coef",
+    "norm_topk_prob", "num_shared_experts", "num_shared_experts_per_layer",
+    "always_active_experts", "always_active_experts_per_layer", "dense_intermediate_size",
+    "dense_mlp_bias", "ghost_extend_eval")
+
+
+def assert_reference_loads(hf_dir, remote=None):
+    """The exported folder against the rules of the reference's loader, as written there:
+    config keys and values, and every tensor shape its modules (EmoModel, EmoAttention,
+    EmoSparseMoeBlock, EmoMLP) would allocate from that config."""
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    assert cfg["model_type"] == "emo" and cfg["architectures"] == ["EmoForCausalLM"]
+    assert [k for k in LOADER_KEYS if k not in cfg] == []
+    v, d, layers = cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"]
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):  # nn.Embedding(padding_idx)
+        assert cfg[key] is None or (isinstance(cfg[key], int) and 0 <= cfg[key] < v), key
+    assert isinstance(cfg["pad_token_id"], int) and isinstance(cfg["eos_token_id"], int)
+    assert cfg["hidden_act"] == "silu" and cfg["rope_scaling"] is None
+    assert not cfg["tie_word_embeddings"] and not cfg["norm_topk_prob"]
+    assert not cfg["attention_bias"] and not cfg["ghost_extend_eval"]
+    assert cfg["always_active_experts"] is None and cfg["always_active_experts_per_layer"] is None
+    assert cfg["num_shared_experts_per_layer"] is None
+    shared = cfg["num_shared_experts"]
+    assert shared <= cfg["num_experts"]  # the loader asserts it
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    assert heads % kv == 0
+    head_dim = cfg.get("head_dim", d // heads)  # getattr(config, "head_dim", ...)
+    counts = cfg.get("num_experts_per_layer") or [cfg["num_experts"]] * layers
+    assert len(counts) == layers and all(c > 0 for c in counts)  # 0 = dense layer: not ours
+    f = cfg["intermediate_size"]
+    expected = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,),
+                "lm_head.weight": (v, d)}
+    for i, count in enumerate(counts):
+        routed_k = cfg["num_experts_per_tok"] - min(shared, count)
+        assert 1 <= routed_k <= count - min(shared, count)  # torch.topk over routed experts
+        p = f"model.layers.{i}."
+        expected.update({p + "pre_attention_layernorm.weight": (d,),
+                         p + "pre_feedforward_layernorm.weight": (d,),
+                         p + "self_attn.q_proj.weight": (heads * head_dim, d),
+                         p + "self_attn.k_proj.weight": (kv * head_dim, d),
+                         p + "self_attn.v_proj.weight": (kv * head_dim, d),
+                         p + "self_attn.o_proj.weight": (d, heads * head_dim),
+                         p + "mlp.gate.weight": (count, d)})
+        for e in range(count):
+            expected.update({p + f"mlp.experts.{e}.gate_proj.weight": (f, d),
+                             p + f"mlp.experts.{e}.up_proj.weight": (f, d),
+                             p + f"mlp.experts.{e}.down_proj.weight": (d, f)})
+    reader = safetensors_io.SafetensorsReader(str(hf_dir))
+    reader.check(expected)
+    if remote is not None:
+        prefix = "" if remote == "local" else remote + "--"
+        assert cfg["auto_map"]["AutoConfig"] == prefix + "configuration_emo.EmoConfig"
+        assert cfg["auto_map"]["AutoModelForCausalLM"] == prefix + "modeling_emo.EmoForCausalLM"
+    else:
+        assert "auto_map" not in cfg
+    return cfg
+
+
+def test_full_model_export_loads_with_byte_token_ids_and_auto_map(tmp_path):
+    config = tiny_config(vocab_size=264)
+    model_dir = save_tiny_model(tmp_path, config, random_params(config))
+    out = run_cli(f"--checkpoint={model_dir}", f"--to_hf={tmp_path / 'hf'}",
+                  "--remote_code=my-org/EMO_code")
+    assert out.returncode == 0, out.stderr
+    cfg = assert_reference_loads(tmp_path / "hf", remote="my-org/EMO_code")
+    assert (cfg["pad_token_id"], cfg["eos_token_id"], cfg["bos_token_id"]) == (0, 2, 1)
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+    convert.export_hf(model_dir, str(tmp_path / "hf_local"), remote_code="local")
+    assert_reference_loads(tmp_path / "hf_local", remote="local")
+    convert.export_hf(model_dir, str(tmp_path / "hf_plain"))
+    assert_reference_loads(tmp_path / "hf_plain")
+
+
+def test_bad_remote_code_and_out_of_vocab_ids_are_refused(tmp_path):
+    config = tiny_config()  # vocab 40: the byte tokenizer's ids 0, 1, 2 fit
+    model_dir = save_tiny_model(tmp_path, config, random_params(config))
+    assert_refused(tmp_path, lambda out: convert.export_hf(model_dir, out, remote_code="no repo"),
+                   "must be 'local'")
+    assert_refused(tmp_path, lambda out: convert.export_hf(
+        model_dir, out, token_ids={"pad_token_id": 40}), r"pad_token_id is 40.*\[0, 40\)")
+    out = run_cli(f"--checkpoint={model_dir}", f"--to_hf={tmp_path / 'hf'}",
+                  "--eos_token_id=99")
+    assert out.returncode != 0 and "eos_token_id is 99" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_imported_reference_keeps_its_token_ids_through_extract_and_export(tmp_path):
+    from emo_jax.modular import subset as subset_lib
+
+    cfg, tensors = hand_made_hf(vocab=300, pad_token_id=299, eos_token_id=298,
+                                bos_token_id=None)
+    write_hf_model(tmp_path / "hf", cfg, tensors)
+    convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "model"))
+    _, _, metadata = restore_model(str(tmp_path / "model"))
+    assert metadata["token_ids"] == {"pad_token_id": 299, "eos_token_id": 298,
+                                     "bos_token_id": None}
+    convert.export_hf(str(tmp_path / "model"), str(tmp_path / "hf2"))
+    back = assert_reference_loads(tmp_path / "hf2")
+    assert (back["pad_token_id"], back["eos_token_id"], back["bos_token_id"]) == (299, 298, None)
+    # an extracted subset of it (lazy and eager) keeps them too
+    model, config, _ = restore_model(str(tmp_path / "model"))
+    subset = subset_lib.make_subset([[0, 2, 4], [1, 2, 3]], config=config, model=model,
+                                    method="random", data={"text": "test"})
+    (tmp_path / "subset.json").write_text(json.dumps(subset.to_json()))
+    for eager in ([], ["--eager"]):
+        small = tmp_path / f"small{len(eager)}"
+        proc = run_module("emo_jax.extract", f"--checkpoint={tmp_path / 'model'}",
+                          f"--subset={tmp_path / 'subset.json'}", f"--out={small}", *eager)
+        assert proc.returncode == 0, proc.stderr
+        convert.export_hf(str(small), str(tmp_path / f"hf_small{len(eager)}"))
+        cfg_small = assert_reference_loads(tmp_path / f"hf_small{len(eager)}")
+        assert cfg_small["num_experts_per_layer"] == [4, 4]
+        assert (cfg_small["pad_token_id"], cfg_small["eos_token_id"]) == (299, 298)
+
+
+def test_reference_defaults_apply_to_a_config_without_token_ids(tmp_path):
+    cfg, tensors = hand_made_hf(vocab=100352, d=8, heads=2, kv=1, dh=4, f=4, layers=1)
+    write_hf_model(tmp_path / "hf", cfg, tensors)  # no pad/eos keys: the loader's defaults
+    convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "model"))
+    convert.export_hf(str(tmp_path / "model"), str(tmp_path / "hf2"))
+    back = assert_reference_loads(tmp_path / "hf2")
+    assert (back["pad_token_id"], back["eos_token_id"]) == (100277, 100257)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"always_active_experts": [0]}, r"always_active_experts=\[0\]"),
+    ({"always_active_experts_per_layer": [[1], [1]]}, "always_active_experts_per_layer="),
+    ({"num_shared_experts_per_layer": [1, 2]}, r"num_shared_experts_per_layer=\[1, 2\]"),
+    ({"ghost_extend_eval": True}, "ghost_extend_eval=True"),
+])
+def test_reference_routing_options_are_refused_on_import(tmp_path, change, match):
+    cfg, tensors = hand_made_hf()
+    write_hf_model(tmp_path / "hf", {**cfg, **change}, tensors)
+    assert_refused(tmp_path, lambda out: convert.import_hf(str(tmp_path / "hf"), out),
+                   match + ".*change.*routing")
+
+
+def test_harmless_reference_routing_values_are_accepted(tmp_path):
+    cfg, tensors = hand_made_hf()
+    write_hf_model(tmp_path / "hf", {**cfg, "always_active_experts": None,
+                                     "num_shared_experts_per_layer": [1, 1],
+                                     "ghost_extend_eval": False}, tensors)
+    convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "out"))
+
+
+# ---------------------------------------------------- tokenizers travel (issue 15, item 4)
+
+
+def make_hf_tokenizer(folder):
+    """A tiny byte-level BPE tokenizer.json with <pad> <s> </s> <eot>, and a
+    tokenizer_config.json naming <eot> as the end of text (not the default guess </s>)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<eot>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the expert router picks a document pool"] * 50, trainer=trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<eot>", "bos_token": {"content": "<s>"}, "pad_token": "<pad>"}))
+    return tok.get_vocab_size()
+
+
+def make_sp_model(path):
+    import sentencepiece as spm
+    text = ["the expert router picks a document pool", "def f(x): return x"] * 40
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(path),
+                                   vocab_size=30, pad_id=0, unk_id=3, bos_id=1, eos_id=2,
+                                   byte_fallback=False, minloglevel=2)
+    return str(path) + ".model"
+
+
+def test_hf_tokenizer_json_travels_both_ways_with_its_ids(tmp_path):
+    from emo_jax.modular import runtime
+
+    vocab = make_hf_tokenizer(tmp_path / "tok")
+    cfg, tensors = hand_made_hf(vocab=vocab, pad_token_id=0, eos_token_id=3, bos_token_id=1)
+    write_hf_model(tmp_path / "hf", cfg, tensors)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "hf" / name).write_bytes((tmp_path / "tok" / name).read_bytes())
+    convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "model"))
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert saved["data"]["tokenizer"] == "hf:tokenizer/tokenizer.json"  # relative: it moves
+    os.rename(tmp_path / "model", tmp_path / "moved")
+    _, config, _ = restore_model(str(tmp_path / "moved"))
+    assert config.data.tokenizer == f"hf:{tmp_path / 'moved' / 'tokenizer' / 'tokenizer.json'}"
+    tok = runtime.tokenizer_of(config)  # what generate and select use
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 3)  # <eot>: tokenizer_config.json
+    convert.export_hf(str(tmp_path / "moved"), str(tmp_path / "hf2"))
+    back = assert_reference_loads(tmp_path / "hf2")
+    assert (back["pad_token_id"], back["eos_token_id"], back["bos_token_id"]) == (0, 3, 1)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "hf2" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
+
+
+def test_sentencepiece_and_byte_tokenizers_travel_both_ways(tmp_path):
+    from emo_jax.data.tokenizers import make_tokenizer
+
+    sp = make_sp_model(tmp_path / "sp")
+    config = tiny_config(vocab_size=48)
+    config.data.tokenizer = f"sentencepiece:{sp}"
+    model_dir = save_tiny_model(tmp_path, config, random_params(config))
+    assert (tmp_path / "model" / "tokenizer" / "sp.model").is_file()
+    os.remove(sp)  # the model directory holds its own copy
+    _, restored, _ = restore_model(model_dir)
+    copy = tmp_path / "model" / "tokenizer" / "sp.model"
+    assert restored.data.tokenizer == f"sentencepiece:{copy}"
+    out = run_cli(f"--checkpoint={model_dir}", f"--to_hf={tmp_path / 'hf'}")
+    assert out.returncode == 0, out.stderr
+    cfg = assert_reference_loads(tmp_path / "hf")
+    assert (cfg["pad_token_id"], cfg["eos_token_id"], cfg["bos_token_id"]) == (0, 2, 1)
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors",
+                                                     "tokenizer.model"]
+    convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+    _, back, _ = restore_model(str(tmp_path / "back"))
+    assert back.data.tokenizer == (
+        f"sentencepiece:{tmp_path / 'back' / 'tokenizer' / 'tokenizer.model'}")
+    text = "the expert router"
+    assert (make_tokenizer(back.data.tokenizer).encode(text)
+            == make_tokenizer(restored.data.tokenizer).encode(text))
+    # byte: nothing to carry, and the model directory has no tokenizer/
+    plain = tiny_config()
+    plain_dir = save_tiny_model(tmp_path, plain, random_params(plain), name="plain")
+    assert not os.path.exists(os.path.join(plain_dir, "tokenizer"))
+
+
+def test_init_checkpoint_adopts_the_model_directory_tokenizer(tmp_path):
+    from emo_jax.model_files import adopt_shape
+
+    sp = make_sp_model(tmp_path / "sp")
+    config = tiny_config(vocab_size=48)
+    config.data.tokenizer = f"sentencepiece:{sp}"
+    model_dir = save_tiny_model(tmp_path, config, random_params(config))
+    fresh = tiny_config()  # data.tokenizer 'byte' (the default), vocab 40
+    adopted = adopt_shape(fresh, model_dir)
+    copy = tmp_path / "model" / "tokenizer" / "sp.model"
+    assert adopted.data.tokenizer == f"sentencepiece:{copy}"
+    assert adopted.model.vocab_size == 48
+    other = tiny_config()
+    other.data.tokenizer = f"sentencepiece:{sp}"  # chosen explicitly: kept
+    assert adopt_shape(other, model_dir).data.tokenizer == f"sentencepiece:{sp}"
+
+
+@pytest.mark.skipif(not os.environ.get("EMO_REMOTE_CODE_DIR"),
+                    reason="set EMO_REMOTE_CODE_DIR to a local copy of the reference's "
+                    "src/hf_trust_remote_code/emo/ (not shipped here) to load in transformers")
+def test_export_loads_in_transformers_with_the_reference_code(tmp_path):
+    """Optional: the real loader (transformers + torch + the reference's remote code, which
+    this repository cannot ship) on a full export and an extracted-shape subset export."""
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = tiny_config(vocab_size=264)
+    params = random_params(config, seed=3)
+    model_dir = save_tiny_model(tmp_path, config, params)
+    out = tmp_path / "hf"
+    convert.export_hf(model_dir, str(out), remote_code="local")
+    for name in ("configuration_emo.py", "modeling_emo.py"):
+        shutil.copyfile(os.path.join(os.environ["EMO_REMOTE_CODE_DIR"], name), out / name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(out), trust_remote_code=True, torch_dtype=torch.float32)
+    tokens = (np.arange(12) * 7) % 264
+    with torch.no_grad():
+        theirs = model(torch.tensor(tokens[None])).logits[0].numpy()
+    ours = hf.model_from_params(config, params)(
+        jnp.asarray(tokens[None], jnp.int32), jnp.ones((1, 12), jnp.int32),
+        jnp.arange(12, dtype=jnp.int32)[None]).logits_BSV[0]
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4)

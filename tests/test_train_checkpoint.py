@@ -46,7 +46,8 @@ def test_restore_model_from_a_workdir_and_save_model_roundtrip(reference, tmp_pa
 
     out = tmp_path / "model"
     model_files.save_model(str(out), model, config, {"step": meta["step"], "source": reference})
-    assert sorted(os.listdir(out)) == ["config.json", "metadata.json", "params"]
+    assert sorted(os.listdir(out)) == ["checksums.json", "config.json", "metadata.json",
+                                       "params"]
     assert not os.path.exists(str(out) + ".partial")
     with open(out / "metadata.json") as f:
         saved = json.load(f)

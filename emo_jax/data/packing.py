@@ -2,7 +2,8 @@
 
 Stages, in pipeline order (each a Grain transform; only `DocumentFilterIterDataset` is ours):
 
-  TokenizeDocument     doc -> {'tokens': int32[n] ending in eos} (bad-record markers pass)
+  TokenizeDocument     doc -> {'tokens': int32[n] ending in eos} (bad-record markers pass);
+                       with `data.boundary='eos_opens'`, starting with eos instead
                        (TokenizeIndexedDocument also tags tokens with the document index)
   DocumentFilter...    drops bad-record markers, counts them (or raises), counts documents and
                        tokens; the counts live in the iterator state (key `emo_data_stats`),
@@ -33,19 +34,26 @@ from emo_jax.data.sources import BAD_REASONS, DataError, bad_record_error
 STATS_KEY = "emo_data_stats"
 LATEST_BAD_KEY = "emo_latest_bad_record"  # 'REASON at WHERE' of the newest bad record
 PACKINGS = ("first_fit", "best_fit", "concat_then_split")
+BOUNDARIES = ("eos_closes", "eos_opens")
 
 
 class TokenizeDocument:
-    """doc -> {'tokens': ids + [eos]}; bad-record markers pass through."""
+    """doc -> {'tokens': ids + [eos]} ('eos_closes'), or [eos] + ids ('eos_opens': eos opens
+    the document, as in the reference's stream `... eos doc eos doc`); bad-record markers pass
+    through. `boundary` is `data.boundary` (docs/METHOD.md section 7)."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, boundary: str = "eos_closes"):
+        if boundary not in BOUNDARIES:
+            raise ValueError(f"boundary {boundary!r} is not one of {BOUNDARIES}")
+        self.tokenizer, self.boundary = tokenizer, boundary
 
     def __call__(self, doc: dict) -> dict:
         if "bad" in doc:
             return doc
         ids = self.tokenizer.encode_array(doc["text"])
-        return {"tokens": np.append(ids, np.int32(self.tokenizer.eos_id)).astype(np.int32)}
+        eos = np.int32(self.tokenizer.eos_id)
+        tokens = np.append(ids, eos) if self.boundary == "eos_closes" else np.insert(ids, 0, eos)
+        return {"tokens": tokens.astype(np.int32)}
 
 
 class TokenizeIndexedDocument(TokenizeDocument):
@@ -70,6 +78,26 @@ class SplitDocument(grain.experimental.FlatMapTransform):
         n = len(element["tokens"])
         return [{k: v[i:i + self.seq_len] for k, v in element.items()}
                 for i in range(0, n, self.seq_len)]
+
+
+@functools.lru_cache(maxsize=16)
+def _eos_id(tokenizer_spec: str) -> int:
+    from emo_jax.data.tokenizers import make_tokenizer  # noqa: PLC0415 (only for 'eos_opens')
+    return int(make_tokenizer(tokenizer_spec).eos_id)
+
+
+def opening_eos(config) -> int | None:
+    """What the next-token targets need from `data.boundary` (`losses.next_token_targets`):
+    None for 'eos_closes', the tokenizer's eos id for 'eos_opens' (so the tokenizer must be
+    readable wherever the loss is traced, planning included; read once per spec)."""
+    if config.data.boundary == "eos_closes":
+        return None
+    try:
+        return _eos_id(config.data.tokenizer)
+    except (OSError, ValueError) as err:
+        from emo_jax.config import ConfigError  # noqa: PLC0415
+        raise ConfigError(f"data.boundary='eos_opens' needs the eos id of data.tokenizer "
+                          f"({config.data.tokenizer!r}), which cannot be read: {err}") from err
 
 
 def _empty_counts() -> dict:

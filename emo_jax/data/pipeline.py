@@ -133,7 +133,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, *, process_index: int
                 for k, (_, ds) in enumerate(opened)]
     weights = [entry.weight for entry, _ in opened]
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
-    ds = ds.repeat(d.num_epochs or None).map(packing.TokenizeDocument(tokenizer))
+    ds = ds.repeat(d.num_epochs or None).map(packing.TokenizeDocument(tokenizer, d.boundary))
     it_ds = ds.to_iter_dataset(_read_options(d.read_threads))
     it_ds = packing.DocumentFilterIterDataset(
         it_ds, on_bad_record=d.on_bad_record, seq_len=d.seq_len,
@@ -153,12 +153,13 @@ def make_train_iterator(config: ml_collections.ConfigDict, *, process_index: int
 
 def _packed_batches(docs: grain.MapDataset, tokenizer, *, seq_len: int, batch_size: int,
                     packing_mode: str, packing_bins: int, on_bad_record: str,
-                    with_document_ids: bool, read_threads: int = 2) -> grain.DatasetIterator:
+                    with_document_ids: bool, read_threads: int = 2,
+                    boundary: str = "eos_closes") -> grain.DatasetIterator:
     """One deterministic pass over `docs` (a MapDataset of documents) as padded batches."""
     if with_document_ids:
-        ds = docs.map_with_index(packing.TokenizeIndexedDocument(tokenizer))
+        ds = docs.map_with_index(packing.TokenizeIndexedDocument(tokenizer, boundary))
     else:
-        ds = docs.map(packing.TokenizeDocument(tokenizer))
+        ds = docs.map(packing.TokenizeDocument(tokenizer, boundary))
     it_ds = ds.to_iter_dataset(_read_options(read_threads))
     it_ds = packing.DocumentFilterIterDataset(it_ds, on_bad_record=on_bad_record,
                                               seq_len=seq_len, max_consecutive_bad=len(docs) + 1)
@@ -192,7 +193,8 @@ def make_eval_batches(config: ml_collections.ConfigDict, *, max_batches: int | N
     it = _packed_batches(docs, tokenizer, seq_len=d.seq_len,
                          batch_size=d.batch_size, packing_mode=d.packing,
                          packing_bins=d.packing_bins, on_bad_record=d.on_bad_record,
-                         with_document_ids=False, read_threads=d.read_threads)
+                         with_document_ids=False, read_threads=d.read_threads,
+                         boundary=d.boundary)
     rows = parallel.host_rows(d.batch_size, pi, pc)
     batches = [{k: v[rows] for k, v in batch.items()}
                for batch in itertools.islice(it, max_batches)]
@@ -207,13 +209,15 @@ def make_eval_batches(config: ml_collections.ConfigDict, *, max_batches: int | N
 
 
 def pack_documents(docs: Sequence[str | dict], tokenizer, seq_len: int, batch_size: int, *,
-                   packing: str = "first_fit", packing_bins: int = 16) -> Iterator[dict]:
+                   packing: str = "first_fit", packing_bins: int = 16,
+                   boundary: str = "eos_closes") -> Iterator[dict]:
     """Packs `docs` (strings or `{'text': ...}` dicts, e.g. from `read_documents`) in one pass.
 
     Yields dicts of int32 [batch_size, seq_len] arrays: `tokens`, `segment_ids`, `positions`
     (the batch format) plus `document_ids`: for every token the index in `docs` of its
     document, -1 at padding. A long document is split into several segments with the same
-    index. Deterministic; the last batch is padded with empty rows.
+    index. Deterministic; the last batch is padded with empty rows. `boundary`: where each
+    document's eos goes (`data.boundary`).
     """
     items = [{"text": doc} if isinstance(doc, str) else doc for doc in docs]
     if not items:
@@ -221,4 +225,4 @@ def pack_documents(docs: Sequence[str | dict], tokenizer, seq_len: int, batch_si
     return _packed_batches(grain.MapDataset.source(items), tokenizer, seq_len=seq_len,
                            batch_size=batch_size, packing_mode=packing,
                            packing_bins=packing_bins, on_bad_record="error",
-                           with_document_ids=True)
+                           with_document_ids=True, boundary=boundary)

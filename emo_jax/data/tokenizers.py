@@ -8,7 +8,11 @@ the loss never reads, so its value never matters to training.
 
 Specs (`data.tokenizer`): `'byte'`, `'sentencepiece:PATH'` (a `.model` file, e.g. one written by
 `python -m emo_jax.data.train_tokenizer`), `'hf:PATH'` (a `tokenizer.json`, or a folder holding
-one; needs the optional `tokenizers` package).
+one; needs the optional `tokenizers` package; its special tokens are those that
+`tokenizer_config.json` / `special_tokens_map.json` beside it name, else the usual pieces).
+Inside a model directory the path is relative to the directory (`hf:tokenizer/tokenizer.json`):
+saving a model copies the tokenizer's files into its `tokenizer/` folder, and restoring one
+resolves the path against the directory (see the end of this module).
 
 Tokenizers pickle as their spec, so Grain worker processes rebuild them rather than receiving
 C++ objects. This module never downloads anything.
@@ -16,7 +20,9 @@ C++ objects. This module never downloads anything.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import numpy as np
 import sentencepiece as spm
@@ -135,9 +141,14 @@ class HFTokenizer(_FileTokenizer):
             raise ConfigError(f"data.tokenizer: cannot load '{path}' ({e})") from None
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         vocab = self._tok.get_vocab(with_added_tokens=True)
-        pick = lambda names: next((vocab[n] for n in names if n in vocab), -1)  # noqa: E731
-        self.eos_id, self.bos_id = pick(_HF_EOS), pick(_HF_BOS)
-        self.pad_id = max(pick(_HF_PAD), 0)
+        named = _hf_named_specials(os.path.dirname(path))  # tokenizer_config.json says first
+
+        def pick(key, names):
+            names = ([named[key]] if key in named else []) + list(names)
+            return next((vocab[n] for n in names if n in vocab), -1)
+
+        self.eos_id, self.bos_id = pick("eos", _HF_EOS), pick("bos", _HF_BOS)
+        self.pad_id = max(pick("pad", _HF_PAD), 0)
         if self.eos_id < 0:
             raise ConfigError(f"data.tokenizer: '{path}' has none of the end-of-document tokens "
                               f"{', '.join(_HF_EOS)}; the pipeline needs one to end documents")
@@ -149,6 +160,26 @@ class HFTokenizer(_FileTokenizer):
         ids = [int(i) for i in np.asarray(ids).reshape(-1)
                if 0 <= i < self.vocab_size and i not in (self.eos_id, self.bos_id)]
         return self._tok.decode(ids, skip_special_tokens=True)
+
+
+def _hf_named_specials(folder: str) -> dict[str, str]:
+    """{'eos'|'bos'|'pad': token text} named by tokenizer_config.json / special_tokens_map.json
+    beside a tokenizer.json (values may be strings or {"content": ...}); unreadable: {}."""
+    named = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        for key in ("eos", "bos", "pad"):
+            value = data.get(f"{key}_token")
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str) and value:
+                named[key] = value
+    return named
 
 
 def make_tokenizer(spec: str):
@@ -172,3 +203,69 @@ def check_vocab(tokenizer, model_vocab_size: int) -> None:
         raise ConfigError(
             f"model.vocab_size ({model_vocab_size}) is smaller than the {tokenizer.vocab_size} ids "
             f"of tokenizer '{tokenizer.spec}'; set model.vocab_size >= {tokenizer.vocab_size}")
+
+
+# ------------------------------------------------------- tokenizers inside model directories
+#
+# A model directory (emo_jax/model_files.py) holds the files of its tokenizer in `tokenizer/`
+# and names them relative to itself (`hf:tokenizer/tokenizer.json`,
+# `sentencepiece:tokenizer/sp.model`), so the directory can move and be copied; reading the
+# directory resolves the path against it (`resolve_spec`), writing one copies the files in
+# (`bundle_spec`).
+
+TOKENIZER_DIR = "tokenizer"
+# Files of a Hugging Face tokenizer that travel with its tokenizer.json.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _split(spec: str) -> tuple[str, str]:
+    kind, sep, path = spec.partition(":")
+    return (kind, path) if sep and path and kind in ("sentencepiece", "hf") else ("", "")
+
+
+def resolve_spec(spec: str, base_dir: str) -> str:
+    """`spec` with a relative file path made absolute against `base_dir` (a model directory)."""
+    kind, path = _split(spec)
+    if not kind or os.path.isabs(os.path.expanduser(path)):
+        return spec
+    return f"{kind}:{os.path.join(os.path.abspath(base_dir), path)}"
+
+
+def spec_files(spec: str) -> list[str]:
+    """The existing files a tokenizer spec reads (first: the one it names); [] for 'byte'."""
+    kind, path = _split(spec)
+    path = os.path.abspath(os.path.expanduser(path)) if kind else ""
+    if kind == "sentencepiece":
+        return [path] if os.path.isfile(path) else []
+    if kind == "hf":
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        main = os.path.join(folder, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(main):
+            return []
+        return [main] + [os.path.join(folder, n) for n in HF_TOKENIZER_FILES[1:]
+                         if os.path.isfile(os.path.join(folder, n))]
+    return []
+
+
+def bundle_spec(spec: str, model_dir: str) -> str:
+    """Copies the tokenizer files of `spec` into MODEL_DIR/tokenizer/ and returns the spec that
+    names them relative to MODEL_DIR; 'byte', or a spec whose files are missing, comes back
+    unchanged."""
+    kind, _ = _split(spec)
+    files = spec_files(spec)
+    if not files:
+        return spec
+    target = os.path.join(model_dir, TOKENIZER_DIR)
+    os.makedirs(target, exist_ok=True)
+    for path in files:
+        if os.path.abspath(os.path.join(target, os.path.basename(path))) != path:
+            shutil.copyfile(path, os.path.join(target, os.path.basename(path)))
+    return f"{kind}:{TOKENIZER_DIR}/{os.path.basename(files[0])}"
+
+
+def special_token_ids(tokenizer) -> dict:
+    """{'pad_token_id', 'eos_token_id', 'bos_token_id'} of a tokenizer (None: it has none), as
+    the Hugging Face config.json spells them."""
+    ids = {"pad_token_id": tokenizer.pad_id, "eos_token_id": tokenizer.eos_id,
+           "bos_token_id": tokenizer.bos_id}
+    return {k: (int(v) if v is not None and v >= 0 else None) for k, v in ids.items()}

@@ -16,14 +16,17 @@ import shutil
 import tempfile
 import time
 
+from emo_jax.config import ConfigError
+from emo_jax.data import tokenizers
 from emo_jax.interop import hf as hf_lib
 from emo_jax.interop import safetensors_io
 from emo_jax.interop.hf import InteropError
 from emo_jax.model_files import save_model
 from emo_jax.modular.runtime import load_model
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-TOKENIZER_SUBDIR = "tokenizer"
+TOKENIZER_FILES = tokenizers.HF_TOKENIZER_FILES  # a HF tokenizer: tokenizer.json and companions
+TOKENIZER_SUBDIR = tokenizers.TOKENIZER_DIR
+SENTENCEPIECE_FILE = "tokenizer.model"  # a SentencePiece model in a Hugging Face folder
 
 def _refuse_existing(path: str):
     if os.path.lexists(path):
@@ -86,12 +89,14 @@ def import_hf(hf_dir: str, out: str) -> str:
     config, notes = hf_lib.config_from_hf(hf, name=os.path.join(hf_dir, "config.json"))
     reader = safetensors_io.SafetensorsReader(hf_dir)
     reader.check(hf_lib.hf_shapes(config))
-    tokenizer_files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, f))]
-    if "tokenizer.json" in tokenizer_files:
-        config.data.tokenizer = "hf:" + os.path.join(out, TOKENIZER_SUBDIR, "tokenizer.json")
-    elif config.data.tokenizer.startswith("hf:"):
-        notes.append(f"no tokenizer.json in {hf_dir}; data.tokenizer stays "
-                     f"{config.data.tokenizer!r}")
+    # save_model copies the tokenizer's files into out/tokenizer/ (tokenizers.bundle_spec)
+    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        config.data.tokenizer = "hf:" + os.path.join(hf_dir, "tokenizer.json")
+    elif os.path.isfile(os.path.join(hf_dir, SENTENCEPIECE_FILE)):
+        config.data.tokenizer = "sentencepiece:" + os.path.join(hf_dir, SENTENCEPIECE_FILE)
+    elif config.data.tokenizer != "byte":
+        notes.append(f"no tokenizer.json or {SENTENCEPIECE_FILE} in {hf_dir}; data.tokenizer "
+                     f"stays {config.data.tokenizer!r}")
     params, param_notes = hf_lib.params_from_hf(reader, config)
     notes += param_notes
     model = hf_lib.model_from_params(config, params, consume=True)
@@ -108,15 +113,15 @@ def import_hf(hf_dir: str, out: str) -> str:
             "lineage": (hf.get(hf_lib.EXTRA_KEY) or {}).get("lineage"),
         },
         "hf_config": hf_lib.hf_config_copy(hf),
+        # the special token ids the model was served with, written back on export
+        "token_ids": hf_lib.token_ids_from_hf(hf),
         "notes": notes,
     }
     with atomic_dir(out) as work:
         save_model(work, model, config, metadata)
-        if tokenizer_files:
-            os.makedirs(os.path.join(work, TOKENIZER_SUBDIR))
-            for name in tokenizer_files:
-                shutil.copyfile(os.path.join(hf_dir, name),
-                                os.path.join(work, TOKENIZER_SUBDIR, name))
+        extra = os.path.join(hf_dir, SENTENCEPIECE_FILE)  # both kinds present: keep both
+        if config.data.tokenizer.startswith("hf:") and os.path.isfile(extra):
+            shutil.copyfile(extra, os.path.join(work, TOKENIZER_SUBDIR, SENTENCEPIECE_FILE))
     for note in notes:
         print(f"note: {note}")
     return out
@@ -136,25 +141,55 @@ def _is_subset(metadata: dict) -> bool:
             or "num_experts_per_layer" in (metadata.get("hf_config") or {}))
 
 
-def _tokenizer_sources(spec: str) -> list[str]:
-    if not spec.startswith("hf:"):
-        return []
-    path = os.path.expanduser(spec[3:])
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    primary = os.path.join(folder, "tokenizer.json") if os.path.isdir(path) else path
-    found = [primary] if os.path.isfile(primary) else []
-    return found + [os.path.join(folder, f) for f in TOKENIZER_FILES[1:]
-                    if os.path.isfile(os.path.join(folder, f))]
+def _tokenizer_sources(spec: str) -> list[tuple[str, str]]:
+    """[(file, name in the Hugging Face folder)] of the tokenizer a spec names: tokenizer.json
+    and its companions, or a SentencePiece model as tokenizer.model (Hugging Face's name)."""
+    files = tokenizers.spec_files(spec)
+    if spec.startswith("sentencepiece:"):
+        return [(path, SENTENCEPIECE_FILE) for path in files]
+    folder = os.path.dirname(files[0]) if files else ""
+    extra = os.path.join(folder, SENTENCEPIECE_FILE)
+    return ([(path, os.path.basename(path)) for path in files]
+            + ([(extra, SENTENCEPIECE_FILE)] if files and os.path.isfile(extra) else []))
+
+
+def export_token_ids(config, metadata: dict, overrides: dict | None = None) -> dict:
+    """{pad/eos/bos_token_id} an export writes: `overrides` (not None) first, then the ids an
+    imported model came with (metadata `token_ids`), then those of its tokenizer
+    (`data.tokenizer`). InteropError when the tokenizer is needed and cannot be read."""
+    ids = {k: v for k, v in (overrides or {}).items() if v is not None}
+    stored = metadata.get("token_ids") or {}
+    ids.update({k: stored[k] for k in hf_lib.TOKEN_ID_KEYS if k not in ids and k in stored})
+    if all(k in ids for k in hf_lib.TOKEN_ID_KEYS):
+        return ids
+    try:
+        tokenizer = tokenizers.make_tokenizer(config.data.tokenizer)
+    except ConfigError as err:
+        raise InteropError(f"the special token ids come from the model's tokenizer, which "
+                           f"cannot be read ({err}); pass --pad_token_id and --eos_token_id "
+                           "(and --bos_token_id) instead") from None
+    found = tokenizers.special_token_ids(tokenizer)
+    return {k: ids.get(k, found[k]) for k in hf_lib.TOKEN_ID_KEYS}
 
 
 def export_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: str = "float32",
-              max_shard_bytes: int = safetensors_io.DEFAULT_MAX_SHARD_BYTES) -> str:
-    """Writes a checkpoint as a Hugging Face EMO folder; returns its path."""
+              max_shard_bytes: int = safetensors_io.DEFAULT_MAX_SHARD_BYTES,
+              token_ids: dict | None = None, remote_code: str | None = None) -> str:
+    """Writes a checkpoint as a Hugging Face EMO folder; returns its path.
+
+    token_ids: {pad/eos/bos_token_id: id} overriding those found (`export_token_ids`).
+    remote_code: 'local' or 'ORG/REPO' writes an `auto_map` to the reference's remote code
+    (`hf.remote_code_map`), so `from_pretrained(..., trust_remote_code=True)` finds it.
+    """
     out = os.path.abspath(out)
     _refuse_existing(out)  # before the (possibly long) restore; atomic_dir checks again
+    if remote_code:
+        hf_lib.remote_code_map(remote_code)  # a bad value fails before the restore
     model, config, metadata = load_model(checkpoint, step=step)  # on one device
     hf = hf_lib.config_to_hf(config, dtype=dtype, subset=_is_subset(metadata),
-                             lineage=_lineage(metadata))
+                             lineage=_lineage(metadata),
+                             token_ids=export_token_ids(config, metadata, token_ids),
+                             remote_code=remote_code)
     tensors = hf_lib.export_tensors(hf_lib.model_params(model, host=False), config)
     with atomic_dir(out) as work:
         os.makedirs(work)
@@ -165,8 +200,12 @@ def export_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: str 
             work, hf_lib.hf_shapes(config), lambda name: tensors[name](), hf_lib.DTYPES[dtype],
             max_shard_bytes=max_shard_bytes)
         tokenizer = _tokenizer_sources(config.data.tokenizer)
-        for path in tokenizer:
-            shutil.copyfile(path, os.path.join(work, os.path.basename(path)))
+        for path, name in tokenizer:
+            shutil.copyfile(path, os.path.join(work, name))
     print(f"wrote {out}: config.json, {', '.join(files)}"
-          + (f", {', '.join(os.path.basename(p) for p in tokenizer)}" if tokenizer else ""))
+          + (f", {', '.join(name for _, name in tokenizer)}" if tokenizer else ""))
+    if remote_code == "local":
+        print(f"note: copy configuration_emo.py and modeling_emo.py (allenai/EMO, "
+              f"src/hf_trust_remote_code/emo/) into {out} to load it with "
+              "trust_remote_code=True")
     return out

@@ -30,6 +30,7 @@ E experts per layer (shared included), R routed, X shared, F expert hidden.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Callable, Mapping
 
 import jax.numpy as jnp
@@ -52,6 +53,15 @@ DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat
 # carries no emo_jax training settings (a released Hugging Face model).
 _REFERENCE_POOL_MIN = 8
 
+# The special token ids of config.json, and the reference loader's defaults when one is absent.
+TOKEN_ID_KEYS = ("pad_token_id", "eos_token_id", "bos_token_id")
+REFERENCE_TOKEN_ID_DEFAULTS = {"pad_token_id": 100277, "eos_token_id": 100257,
+                               "bos_token_id": None}
+# auto_map entries of the reference's remote code (module.Class in its folder).
+_AUTO_MAP = {"AutoConfig": "configuration_emo.EmoConfig",
+             "AutoModel": "modeling_emo.EmoModel",
+             "AutoModelForCausalLM": "modeling_emo.EmoForCausalLM"}
+
 _REQUIRED_HF_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "rope_theta", "rms_norm_eps", "num_experts", "num_experts_per_tok",
@@ -72,12 +82,51 @@ def experts_per_layer(config) -> list[int]:
     return [config.moe.num_experts] * config.model.num_layers
 
 
+def check_token_ids(token_ids: Mapping, vocab_size: int, where: str = "") -> dict:
+    """{pad/eos/bos_token_id: int or None} checked as the reference loader needs them: whole
+    numbers in [0, vocab_size) (the embedding's padding_idx must be a row of it), or None;
+    eos_token_id may also be a list of such ids. Raises InteropError naming the bad one."""
+    out = {}
+    for key in TOKEN_ID_KEYS:
+        value = token_ids.get(key)
+        values = value if isinstance(value, list) and key == "eos_token_id" else [value]
+        for v in values:
+            _refuse(v is not None and not (_is_int(v) and 0 <= v < vocab_size),
+                    f"{where}{key} is {value!r}, but it must be a token id in "
+                    f"[0, {vocab_size}) (vocab_size) or null")
+        out[key] = value
+    return out
+
+
+def remote_code_map(remote_code: str) -> dict:
+    """The `auto_map` of config.json pointing at the reference's remote code
+    (configuration_emo.py / modeling_emo.py of allenai/EMO, src/hf_trust_remote_code/emo/).
+
+    'local': the files sit next to config.json (the user copies them there);
+    'ORG/REPO': a Hugging Face hub repository holding them ("ORG/REPO--module.Class").
+    """
+    if remote_code == "local":
+        prefix = ""
+    else:
+        _refuse(not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", remote_code or ""),
+                f"remote code {remote_code!r} must be 'local' (configuration_emo.py and "
+                "modeling_emo.py placed next to config.json) or a hub repository ORG/REPO")
+        prefix = remote_code + "--"
+    return {key: prefix + target for key, target in _AUTO_MAP.items()}
+
+
 def config_to_hf(config, *, dtype: str = "float32", subset: bool = False,
-                 lineage: Mapping | None = None) -> dict:
+                 lineage: Mapping | None = None, token_ids: Mapping | None = None,
+                 remote_code: str | None = None) -> dict:
     """The Hugging Face config.json dict of an emo_jax config.
 
+    Every key the reference's `EmoConfig.__init__` reads is written, so none of its defaults
+    (e.g. pad_token_id 100277, eos_token_id 100257) applies.
     subset: the model is an extracted subset; `num_experts_per_layer` is written then.
     lineage: JSON-able facts stored under the `emo_jax` key (source checkpoint, subset, ...).
+    token_ids: {pad_token_id, eos_token_id, bos_token_id}, each within the vocabulary or None
+    (missing: None).
+    remote_code: 'local' or 'ORG/REPO': writes an `auto_map` (`remote_code_map`).
     Raises InteropError naming the key when the model cannot be expressed.
     """
     m, e = config.model, config.moe
@@ -86,6 +135,8 @@ def config_to_hf(config, *, dtype: str = "float32", subset: bool = False,
                            "(no q_norm/k_norm weights): this model cannot be exported")
     if dtype not in DTYPES:
         raise InteropError(f"dtype {dtype!r} is not supported; valid: {', '.join(DTYPES)}")
+    ids = check_token_ids(token_ids or {}, m.vocab_size, "export: ")
+    auto_map = remote_code_map(remote_code) if remote_code else None
     hf = {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,
@@ -108,9 +159,24 @@ def config_to_hf(config, *, dtype: str = "float32", subset: bool = False,
         "norm_topk_prob": False,
         "tie_word_embeddings": False,
         "torch_dtype": dtype,
+        **ids,
+        # the rest of what EmoConfig reads, at the values that route as emo_jax does
+        "num_shared_experts_per_layer": None,
+        "always_active_experts": None,
+        "always_active_experts_per_layer": None,
+        "dense_intermediate_size": None,
+        "dense_mlp_bias": False,
+        "ghost_extend_eval": False,
+        "attention_dropout": 0.0,
+        "initializer_range": float(m.init_std),
+        "use_cache": True,
+        "output_router_logits": False,
+        "router_aux_loss_coef": float(e.balance_weight),
     }
-    if subset:
+    if subset:  # absent otherwise: every layer has num_experts
         hf["num_experts_per_layer"] = experts_per_layer(config)
+    if auto_map:
+        hf["auto_map"] = auto_map
     hf[EXTRA_KEY] = {
         "format_version": FORMAT_VERSION,
         "note": "emo_jax settings (training-only keys such as the document pool range); "
@@ -145,6 +211,41 @@ def _hf_experts_per_layer(hf: dict, name: str) -> int:
             f"{name}: num_experts_per_layer differs across layers ({counts}), but an emo_jax "
             "model has the same number of experts in every layer")
     return counts[0]
+
+
+def _refuse_reference_routing(hf: Mapping, name: str, shared: int):
+    """Refuses the reference's routing options that emo_jax does not implement, in one line
+    naming them: always-active experts, per-layer shared counts other than num_shared_experts
+    everywhere, the ghost-expert evaluation."""
+    layers = hf["num_hidden_layers"]
+    found = []
+    for key in ("always_active_experts", "always_active_experts_per_layer"):
+        value = hf.get(key)
+        if value is not None and value != [] and value != [[]] * layers:
+            found.append(f"{key}={value!r}")
+    per_layer = hf.get("num_shared_experts_per_layer")
+    if per_layer is not None and per_layer != [shared] * layers:
+        found.append(f"num_shared_experts_per_layer={per_layer!r}")
+    ghost = hf.get("ghost_extend_eval", False)
+    if ghost is True or str(ghost).strip().lower() in ("true", "1", "yes"):
+        found.append(f"ghost_extend_eval={ghost!r}")
+    _refuse(bool(found), f"{name}: {'; '.join(found)} change(s) the reference's routing, which "
+            f"emo_jax does not implement (it routes top-k over the routed experts plus "
+            f"num_shared_experts={shared} shared ones in every layer)")
+
+
+def token_ids_from_hf(hf: Mapping) -> dict:
+    """{pad/eos/bos_token_id} a Hugging Face EMO config.json gives its model: its own values, or
+    the reference loader's defaults for the keys it lacks; ids outside the vocabulary (which
+    the reference cannot load either) are left out."""
+    ids = {key: hf.get(key, REFERENCE_TOKEN_ID_DEFAULTS[key]) for key in TOKEN_ID_KEYS}
+    out = {}
+    for key, value in ids.items():
+        try:
+            out[key] = check_token_ids({key: value}, hf["vocab_size"])[key]
+        except InteropError:
+            continue
+    return out
 
 
 def config_from_hf(hf: Mapping, *, name: str = "config.json"):
@@ -183,6 +284,7 @@ def config_from_hf(hf: Mapping, *, name: str = "config.json"):
 
     num_experts = _hf_experts_per_layer(hf, name)
     shared = hf["num_shared_experts"]
+    _refuse_reference_routing(hf, name, shared)
     top_k = hf["num_experts_per_tok"] - shared  # HF counts the shared experts as active too
     _refuse(top_k < 1, f"{name}: num_experts_per_tok ({hf['num_experts_per_tok']}) must exceed "
             f"num_shared_experts ({shared}): it counts the shared experts too")

@@ -27,12 +27,16 @@ G = H / K, Dh head dim, C chunk length, N number of chunks.
 
 from __future__ import annotations
 
+import functools
 import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from emo_jax.model.mesh_context import BATCH_AXES, ambient_mesh
 
 # A finite "minus infinity": exp() of it is exactly 0, and it never produces NaN in softmax.
 NEG_INF = -1e30
@@ -109,7 +113,13 @@ def attention(q_BSHDh, k_BSKDh, v_BSKDh, segment_ids_BS, *, impl: str = "auto",
     if impl == "cudnn":
         return cudnn_attention(q_BSHDh, k_BSKDh, v_BSKDh, segment_ids_BS)
     if impl == "splash":
-        return splash_attention(q_BSHDh, k_BSKDh, v_BSKDh, segment_ids_BS, interpret=interpret)
+        run = functools.partial(splash_attention, interpret=interpret)
+        mesh = ambient_mesh(q_BSHDh.shape[0])
+        if mesh is not None:  # a Pallas kernel is not partitioned by XLA: run it per device
+            rows = P(BATCH_AXES)
+            run = jax.shard_map(run, mesh=mesh, in_specs=(rows,) * 4, out_specs=rows,
+                                check_vma=False)
+        return run(q_BSHDh, k_BSKDh, v_BSKDh, segment_ids_BS)
     raise AssertionError(impl)
 
 

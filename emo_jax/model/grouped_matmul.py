@@ -1,8 +1,14 @@
 """Grouped SwiGLU over rows sorted by expert: the local, dropless expert computation.
 
-Three implementations of one contract (`grouped_swiglu`), all dropless:
+Four implementations of one contract (`grouped_swiglu`), all dropless:
 
-* 'ragged_dot': `jax.lax.ragged_dot`, native on TPU.
+* 'megablox' (TPU): the Pallas grouped-matmul kernel that ships with JAX
+  (`jax.experimental.pallas.ops.tpu.megablox.gmm`, with its own backward pass): each 128-row
+  tile runs with its expert's weights read in place. Being a Pallas kernel, XLA cannot
+  partition it: the MoE runs it per device (`moe_parallel`, inside `shard_map`).
+* 'ragged_dot': `jax.lax.ragged_dot`. Compiled for TPU through XLA (libtpu 0.0.42) it
+  materialises [R, A, F] masks: three 7.1 GB buffers per chip at the reference recipe's shape
+  on v5p, so 'auto' no longer picks it (docs/RESULTS.md).
 * 'blocked' (GPU): each expert's rows are padded up to a multiple of `block_size` and laid out
   as blocks; one batched matmul runs every block with its expert's weights, gathered per block.
   The static block count is ceil(A / block) + min(R, A), the worst case, so nothing is ever
@@ -37,14 +43,15 @@ import jax.numpy as jnp
 import numpy as np
 
 
-IMPLS = ("auto", "ragged_dot", "blocked", "looped")
+IMPLS = ("auto", "megablox", "ragged_dot", "blocked", "looped")
+MEGABLOX_TILE = 128  # rows per tile of the megablox kernel (and its default k, n tiles)
 
 
 def resolve_impl(impl: str) -> str:
-    """'auto' -> 'ragged_dot' on TPU (native), 'looped' on CPU, 'blocked' on GPU."""
+    """'auto' -> 'megablox' on TPU, 'looped' on CPU, 'blocked' on GPU."""
     if impl != "auto":
         return impl
-    return {"tpu": "ragged_dot", "cpu": "looped"}.get(jax.default_backend(), "blocked")
+    return {"tpu": "megablox", "cpu": "looped"}.get(jax.default_backend(), "blocked")
 
 
 def grouped_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, *, impl: str,
@@ -64,6 +71,9 @@ def grouped_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, *, imp
     x_AD = x_AD.astype(dt)
     w_gate_RDF, w_up_RDF, w_down_RFD = (w.astype(dt) for w in (w_gate_RDF, w_up_RDF, w_down_RFD))
     group_sizes_R = group_sizes_R.astype(jnp.int32)
+    if impl == "megablox":
+        y_AD = megablox_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD)
+        return y_AD, jnp.sum(group_sizes_R)
     if impl == "ragged_dot":
         gate_AF = jax.lax.ragged_dot(x_AD, w_gate_RDF, group_sizes_R)
         up_AF = jax.lax.ragged_dot(x_AD, w_up_RDF, group_sizes_R)
@@ -78,6 +88,34 @@ def grouped_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, *, imp
         y_AD = _looped_swiglu(x_AD, schedule, w_gate_RDF, w_up_RDF, w_down_RFD, bk)
         return y_AD, schedule.used * bk
     raise ValueError(f"unknown grouped matmul {impl!r}; valid: {', '.join(IMPLS)}")
+
+
+def megablox_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, *,
+                    interpret: bool = False):
+    """SwiGLU of every group with the megablox Pallas kernel (TPU; `interpret` runs it in the
+    Pallas interpreter, for tests on CPU). Rows are padded to whole tiles; rows past
+    sum(group_sizes) give 0."""
+    if not interpret and jax.default_backend() != "tpu":
+        raise ValueError(f"grouped matmul 'megablox' runs only on TPU (the backend is "
+                         f"{jax.default_backend()!r}); use 'auto'")
+    from jax.experimental.pallas.ops.tpu import megablox  # Pallas TPU ops: loaded when used
+
+    a, d = x_AD.shape
+    f = w_gate_RDF.shape[-1]
+    padded = -(-a // MEGABLOX_TILE) * MEGABLOX_TILE
+    # The kernel never writes rows past the last group (forward or backward): select, not
+    # multiply, so whatever they hold reaches neither the output nor the input's gradient.
+    live_P1 = (jnp.arange(padded) < jnp.sum(group_sizes_R))[:, None]
+    x_PD = jnp.where(live_P1, jnp.pad(x_AD, ((0, padded - a), (0, 0))), 0)
+    tiling_in = (MEGABLOX_TILE, min(MEGABLOX_TILE, d), min(MEGABLOX_TILE, f))
+    tiling_out = (MEGABLOX_TILE, min(MEGABLOX_TILE, f), min(MEGABLOX_TILE, d))
+
+    def gmm(lhs, rhs, tiling):
+        return megablox.gmm(lhs, rhs, group_sizes_R, x_AD.dtype, tiling, interpret=interpret)
+
+    h_PF = jax.nn.silu(gmm(x_PD, w_gate_RDF, tiling_in)) * gmm(x_PD, w_up_RDF, tiling_in)
+    y_PD = gmm(jnp.where(live_P1, h_PF, 0), w_down_RFD, tiling_out)
+    return jnp.where(live_P1, y_PD, 0)[:a]
 
 
 def _blocked_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, block_size,

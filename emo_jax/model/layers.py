@@ -19,9 +19,16 @@ from emo_jax.model import attention
 from emo_jax.model.model_config import ModelConfig
 
 
-def param(rngs: nnx.Rngs, shape, axes, std: float) -> nnx.Param:
-    """A float32 normal-initialised parameter tagged with its logical axis names."""
-    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+def param(rngs: nnx.Rngs, shape, axes, std: float, init: str = "normal") -> nnx.Param:
+    """A float32 parameter tagged with its logical axis names, drawn from N(0, std^2)
+    (`init='normal'`) or from N(0, std^2) truncated at +-3 std (`'truncated_normal'`, the
+    reference's trunc_normal_: not rescaled, so its std is 0.9866 std). `model.init`."""
+    if init == "normal":
+        value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "truncated_normal":
+        value = std * jax.random.truncated_normal(rngs.params(), -3.0, 3.0, shape, jnp.float32)
+    else:
+        raise ValueError(f"unknown init {init!r}")
     return nnx.Param(value, logical_axes=tuple(axes))
 
 
@@ -59,10 +66,10 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, h, kv, dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         std = cfg.init_std
-        self.wq = param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), std)
-        self.wk = param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), std)
-        self.wv = param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), std)
-        self.wo = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), std)
+        self.wq = param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), std, cfg.init)
+        self.wk = param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), std, cfg.init)
+        self.wv = param(rngs, (d, kv, dh), ("embed", "kv_heads", "head_dim"), std, cfg.init)
+        self.wo = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), std, cfg.init)
         self.q_norm = RMSNorm(dh, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(dh, cfg.norm_eps) if cfg.qk_norm else None
         self.rope_theta = cfg.rope_theta

@@ -14,12 +14,22 @@ import jax.numpy as jnp
 from emo_jax.model.cross_entropy import token_cross_entropy
 
 
-def next_token_targets(tokens_BS, segment_ids_BS):
-    """Targets and mask: position s predicts token s+1 of the same segment; padding predicts nothing."""
+def next_token_targets(tokens_BS, segment_ids_BS, opening_eos: int | None = None):
+    """Targets and mask: position s predicts token s+1 of the same segment; padding predicts
+    nothing (docs/METHOD.md section 7).
+
+    `opening_eos`: None for `data.boundary='eos_closes'` (a segment's last token predicts
+    nothing). For 'eos_opens', the eos id: a segment's last token also predicts the first token
+    of the next segment of its row when that is this eos, i.e. when a document opens there
+    (not when the next segment is the continuation piece of a split document).
+    """
     targets_BS = jnp.concatenate([tokens_BS[:, 1:], jnp.zeros_like(tokens_BS[:, :1])], axis=1)
     next_seg_BS = jnp.concatenate(
         [segment_ids_BS[:, 1:], jnp.zeros_like(segment_ids_BS[:, :1])], axis=1)
-    mask_BS = (segment_ids_BS != 0) & (next_seg_BS == segment_ids_BS)
+    same_BS = next_seg_BS == segment_ids_BS
+    if opening_eos is not None:
+        same_BS = same_BS | ((next_seg_BS != 0) & (targets_BS == opening_eos))
+    mask_BS = (segment_ids_BS != 0) & same_BS
     return targets_BS, mask_BS
 
 
@@ -80,6 +90,19 @@ def balance_loss_per_layer(counts_LBR, prob_sums_LBR, tokens_LB, top_k: int, sco
         return _mean_over_nonempty(
             switch_balance_loss(counts_LNR, probs_LNR, tokens_LN, top_k), tokens_LN)
     raise ValueError(f"unknown balance scope {scope!r}")
+
+
+def grouped_balance_loss(counts_LBR, prob_sums_LBR, tokens_LB, top_k: int, groups: int):
+    """[L] balance loss with the B rows given split into `groups` strided groups (group k holds
+    rows k, k+groups, k+2*groups, ...: `moe.balance_group_rows`), one loss per group, averaged
+    over all groups (an empty group counts as 0, as an empty micro-batch does)."""
+    l, b, r = counts_LBR.shape
+    if b % groups:
+        raise ValueError(f"balance groups: {b} rows do not split into {groups} groups")
+    counts_LGR = counts_LBR.reshape(l, b // groups, groups, r).sum(1)
+    probs_LGR = prob_sums_LBR.reshape(l, b // groups, groups, r).sum(1)
+    tokens_LG = tokens_LB.reshape(l, b // groups, groups).sum(1)
+    return switch_balance_loss(counts_LGR, probs_LGR, tokens_LG, top_k).mean(-1)
 
 
 def router_z_loss_per_layer(z_sums_LB, tokens_LB):

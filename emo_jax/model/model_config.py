@@ -30,6 +30,7 @@ class ModelConfig:
     norm_eps: float = _section("model")
     qk_norm: bool = _section("model")
     init_std: float = _section("model")
+    init: str = _section("model")
     compute_dtype: str = _section("model")
     remat: str = _section("model")
     attention: str = _section("model")

@@ -19,6 +19,7 @@ from flax import nnx
 
 from emo_jax.model import experts, moe_parallel
 from emo_jax.model.layers import param
+from emo_jax.model.mesh_context import ambient_mesh
 from emo_jax.model.model_config import ModelConfig
 
 # Intermediates a caller can ask the forward for (`capture=`), per MoE layer:
@@ -59,14 +60,14 @@ class MoE(nnx.Module):
         d, f, std = config.d_model, config.expert_hidden, config.init_std
         r, x = config.routed_experts, config.num_shared_experts
         self.config = config
-        self.router = param(rngs, (d, r), ("embed", "router"), std)
-        self.w_gate = param(rngs, (r, d, f), ("expert", "embed", "expert_mlp"), std)
-        self.w_up = param(rngs, (r, d, f), ("expert", "embed", "expert_mlp"), std)
-        self.w_down = param(rngs, (r, f, d), ("expert", "expert_mlp", "embed"), std)
+        self.router = param(rngs, (d, r), ("embed", "router"), std, config.init)
+        self.w_gate = param(rngs, (r, d, f), ("expert", "embed", "expert_mlp"), std, config.init)
+        self.w_up = param(rngs, (r, d, f), ("expert", "embed", "expert_mlp"), std, config.init)
+        self.w_down = param(rngs, (r, f, d), ("expert", "expert_mlp", "embed"), std, config.init)
         if x:
-            self.shared_gate = param(rngs, (x, d, f), ("shared", "embed", "mlp"), std)
-            self.shared_up = param(rngs, (x, d, f), ("shared", "embed", "mlp"), std)
-            self.shared_down = param(rngs, (x, f, d), ("shared", "mlp", "embed"), std)
+            self.shared_gate = param(rngs, (x, d, f), ("shared", "embed", "mlp"), std, config.init)
+            self.shared_up = param(rngs, (x, d, f), ("shared", "embed", "mlp"), std, config.init)
+            self.shared_down = param(rngs, (x, f, d), ("shared", "mlp", "embed"), std, config.init)
         else:
             self.shared_gate = self.shared_up = self.shared_down = None
 
@@ -127,7 +128,7 @@ class MoE(nnx.Module):
         (`moe_parallel`: expert parallelism over the 'expert' axis); otherwise the local dropless
         path, which never drops.
         """
-        mesh = moe_parallel.ambient_mesh(x_TD.shape[0])
+        mesh = ambient_mesh(x_TD.shape[0])
         if mesh is None:
             y_TD, rows = self._local_experts(x_TD, expert_idx_TK, weights_TK)
             return y_TD, rows, jnp.zeros((), jnp.float32)

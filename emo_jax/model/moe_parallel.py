@@ -38,33 +38,14 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from emo_jax.model import experts
-from emo_jax.model import routing
+from emo_jax.model import experts, routing
 from emo_jax.model.grouped_matmul import grouped_swiglu
+from emo_jax.model.mesh_context import BATCH_AXES, EXPERT_AXIS, ambient_mesh
 
-EXPERT_AXIS = "expert"
-BATCH_AXES = ("data", "fsdp", "expert")  # = emo_jax.parallel.BATCH_AXES (no import cycle)
 DISPATCHES = ("auto", "capacity", "ragged")
 _RAGGED_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
-
-
-def ambient_mesh(rows: int):
-    """The mesh set by `jax.set_mesh` at trace time when `rows` (a leading batch axis) should be
-    split over it: it has the batch axes, none of them already manual, more than one device, and
-    `rows` divides evenly (else, e.g. decoding one sequence, the one-device path runs under
-    GSPMD: correct, not sharded). None otherwise.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or not set(BATCH_AXES) <= set(mesh.axis_names):
-        return None
-    types = dict(zip(mesh.axis_names, mesh.axis_types))
-    if any(types[a] == AxisType.Manual for a in BATCH_AXES):
-        return None
-    if rows % math.prod(mesh.shape[a] for a in BATCH_AXES):
-        return None
-    return mesh
 
 
 def route(logits_BSR, segment_ids_BS, top_k: int, pool_size_BN=None, expert_mask_R=None):

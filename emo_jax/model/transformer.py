@@ -105,7 +105,7 @@ class Transformer(nnx.Module):
                             "ModelConfig.from_config(config)")
         self.config = config
         self.embed = param(rngs, (config.vocab_size, config.d_model), ("vocab", "embed"),
-                           config.init_std)
+                           config.init_std, config.init)
 
         @nnx.split_rngs(splits=config.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -115,7 +115,7 @@ class Transformer(nnx.Module):
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
         self.head = param(rngs, (config.d_model, config.vocab_size), ("embed", "vocab"),
-                          config.init_std)
+                          config.init_std, config.init)
 
     def pool_sizes(self, batch: int, seq: int, pool_key):
         """[L, B, N] int32 pool sizes, or None when no pool applies."""

@@ -43,13 +43,16 @@ import tensorstore as ts
 from absl import logging
 
 from emo_jax.config import routed_experts
-from emo_jax import model_files
+from emo_jax import checksums, model_files
 from emo_jax.modular import subset as subset_lib
 from emo_jax.modular.extract import extracted_config
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")  # [L, R, ...]: routed expert axis 1
 ROUTER = "router"  # [L, D, R]: routed expert axis 2
 BLOCK_BYTES = 64 * 2**20  # rows of a non-layer array written (and chunked) at a time
+
+
+model_files_sums = checksums.numpy_sums
 
 
 def peak_rss_bytes() -> int:
@@ -96,6 +99,10 @@ class ParamsReader:
 
     def __init__(self, path: str, step: int | None = None):
         self.params_dir, saved_config, self.metadata = model_files.locate_params(path, step)
+        saved = self.metadata.pop("checksums", None) or {}
+        self.checksums = (saved.get("arrays", {}) if saved.get("algorithm") == checksums.ALGORITHM
+                          else {})
+        self._partial = {}  # name -> (summed rows, sums) of a whole-array unit read in rows
         self.config = model_files.config_from_dict(saved_config)
         meta_path = os.path.join(self.params_dir, "_METADATA")
         if not os.path.isfile(meta_path):
@@ -131,8 +138,73 @@ class ParamsReader:
         return tuple(self.array(name).chunk_layout.read_chunk.shape)
 
     def read(self, name: str, index=()) -> np.ndarray:
-        """`array[index]` as NumPy (outer indexing: a list picks those rows of its axis)."""
-        return np.asarray(self.array(name).oindex[index].read().result())
+        """`array[index]` as NumPy (outer indexing: a list picks those rows of its axis).
+
+        Whole checksum units read (a layer, an expert of a layer, a whole array, also read as
+        consecutive row blocks) are verified against the checkpoint's checksums
+        (emo_jax/checksums.py): a mismatch raises CheckpointError naming the checkpoint.
+        """
+        values = np.asarray(self.array(name).oindex[index].read().result())
+        self._verify(name, index if isinstance(index, tuple) else (index,), values)
+        return values
+
+    def _verify(self, name: str, index: tuple, values: np.ndarray):
+        entry = self.checksums.get("params/" + name)
+        shape = self.shape(name)
+        if (entry is None or list(entry["shape"]) != list(shape)
+                or entry["dtype"] != str(values.dtype)):
+            return
+        k = entry["unit_axes"]
+
+        def whole(i, n):
+            return isinstance(i, slice) and i.indices(n) == (0, n, 1)
+
+        def ids(i, n):  # the positions an index picks on an axis of length n (None: unknown)
+            if isinstance(i, (int, np.integer)):
+                return [int(i)]
+            if isinstance(i, slice):
+                start, stop, stride = i.indices(n)
+                return list(range(start, stop, stride))
+            if isinstance(i, (list, np.ndarray)):
+                return [int(v) for v in i]
+            return None
+
+        index = index + (slice(None),) * (len(shape) - len(index))
+        if not all(whole(i, shape[a]) for a, i in enumerate(index) if a >= max(k, 1)):
+            return  # part of a unit (e.g. some router columns): not verified here
+        if k == 0:
+            rows = ids(index[0], shape[0]) if shape else []
+            if not shape or rows == list(range(shape[0])):
+                self._compare(name, entry, [0], model_files_sums(values, 0))
+            elif isinstance(index[0], slice) and rows and rows == list(range(rows[0],
+                                                                              rows[-1] + 1)):
+                per_row = int(np.prod(shape[1:], dtype=np.int64))
+                done, total = self._partial.get(name, (set(), np.zeros((1, 2), np.uint32)))
+                if not done & set(rows):
+                    total = total + model_files_sums(values, 0, offset=rows[0] * per_row)
+                    done = done | set(rows)
+                    self._partial[name] = (done, total)
+                    if len(done) == shape[0]:
+                        del self._partial[name]
+                        self._compare(name, entry, [0], total)
+            return
+        picked = [ids(index[a], shape[a]) for a in range(k)]
+        if any(p is None for p in picked):
+            return
+        grid = np.ix_(*[np.asarray(p) for p in picked])
+        units = np.ravel_multi_index(grid, shape[:k]).reshape(-1).tolist()
+        block = values.reshape(tuple(len(p) for p in picked) + tuple(shape[k:]))
+        self._compare(name, entry, units, model_files_sums(block, k))
+
+    def _compare(self, name: str, entry: dict, units: list, sums):
+        got = np.asarray(sums).reshape(-1, 2)
+        for unit, (a, b) in zip(units, got):
+            if checksums.unit_hex(entry, unit) != f"{int(a):08x}{int(b):08x}":
+                where = self.metadata.get("path", self.params_dir)
+                kind = "model directory" if self.metadata.get("kind") == "model" else "checkpoint"
+                raise model_files.CheckpointError(
+                    f"{kind} {where} is corrupt: "
+                    + checksums.mismatch_message([("params/" + name, entry, unit)]))
 
     def nbytes(self, name: str) -> int:
         return int(np.prod(self.shape(name))) * self.dtype(name).itemsize
@@ -224,6 +296,39 @@ def copy_plan(reader: "ParamsReader", name: str) -> ArrayPlan:
     return rows_plan(name, shape, dtype, lambda rows: reader.read(name, (rows,)))
 
 
+class _BlockSums:
+    """The checksums entry of an array written block by block (layer_plan / rows_plan blocks:
+    (layer, expert slice) or (row slice,)), the sums of a unit's blocks adding up."""
+
+    def __init__(self, name: str, plan: ArrayPlan):
+        self.shape = tuple(plan.shape)
+        self.dtype = np.dtype(plan.dtype)
+        self.k = checksums.unit_axes("params/" + name) if self.shape else 0
+        self.k = min(self.k, len(self.shape))
+        self.sums = np.zeros((int(np.prod(self.shape[:self.k], dtype=np.int64)), 2), np.uint32)
+
+    def add(self, index: tuple, values: np.ndarray):
+        per_row = int(np.prod(self.shape[1:], dtype=np.int64)) if self.shape else 1
+        if self.k == 0:
+            start = index[0].indices(self.shape[0])[0] if index and self.shape else 0
+            self.sums += checksums.numpy_sums(values, 0, offset=start * per_row)
+            return
+        layer, part = index[0], index[1] if len(index) > 1 else slice(None)
+        if self.k == 1:  # a layer (possibly in expert slices of it)
+            start = part.indices(self.shape[1])[0]
+            inner = int(np.prod(self.shape[2:], dtype=np.int64))
+            self.sums[layer] += checksums.numpy_sums(values, 0, offset=start * inner)[0]
+            return
+        experts = range(*part.indices(self.shape[1]))
+        got = checksums.numpy_sums(values, 1)
+        for e, s in zip(experts, got):
+            self.sums[layer * self.shape[1] + e] += s
+
+    def entry(self) -> dict:
+        return {"dtype": str(self.dtype), "shape": list(self.shape), "unit_axes": self.k,
+                "sums": checksums.hexsums(self.sums)}
+
+
 def write_params(path: str, plans: dict, config, metadata: dict | None = None) -> str:
     """Writes a model directory (as `save_model`) from {'/'-joined name: ArrayPlan}, streaming
     every array block by block (module docstring). An existing `path` is refused."""
@@ -242,6 +347,7 @@ def write_params(path: str, plans: dict, config, metadata: dict | None = None) -
                 os.path.join(params_dir, "manifest.ocdbt")):
             raise model_files.CheckpointError("streamed writes need Orbax's zarr v2 + OCDBT layout")
     context = _context()
+    arrays = {}
     for name, plan in plans.items():
         kvstore = _kvstore(params_dir, name.replace("/", "."), True)
         spec = {"driver": "zarr", "kvstore": kvstore}
@@ -250,8 +356,13 @@ def write_params(path: str, plans: dict, config, metadata: dict | None = None) -
         zarr_meta.update(shape=list(plan.shape), chunks=list(plan.chunks))
         array = ts.open(dict(spec, metadata=zarr_meta), context=context, create=True,
                         delete_existing=True).result()
+        sums = _BlockSums(name, plan)
         for index, values in plan.blocks():
-            array[index].write(np.asarray(values, plan.dtype)).result()
+            values = np.asarray(values, plan.dtype)
+            array[index].write(values).result()
+            sums.add(index, values)
+        arrays["params/" + name] = sums.entry()
+    model_files.write_checksums(staging, arrays)  # replaces the placeholders' checksums
     os.rename(staging, path)
     return path
 
@@ -326,8 +437,9 @@ def extract_lazy(checkpoint: str, subset: subset_lib.Subset, out: str, *,
         "experts_per_chunk": _experts_per_chunk(reader),
         "dtypes": sorted({str(p.dtype) for p in plans.values()}),
     }
+    carried = {k: reader.metadata[k] for k in ("token_ids",) if k in reader.metadata}
     write_params(out, plans, small_config, metadata=dict(
-        metadata or {}, step=reader.metadata.get("step"),
+        carried, **(metadata or {}), step=reader.metadata.get("step"),
         extracted_from=os.path.abspath(checkpoint), subset=subset.to_json(), extract=report))
     report["seconds"] = time.perf_counter() - start
     report["peak_rss_bytes"] = peak_rss_bytes()

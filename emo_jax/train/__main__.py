@@ -15,7 +15,8 @@ shape, a --workdir that is a file ends the run with one line on stderr (exit sta
 preempted run (SIGTERM/SIGINT) saves a checkpoint and exits with 128 + the signal number (143
 for SIGTERM, 130 for SIGINT); stopped that way before the first step, it saves nothing, says so
 in one line and exits with the same status; a run stopped by too many non-finite steps exits
-with 3. A run that fails or is stopped before its first step leaves no workdir it created.
+with 3; a checkpoint that cannot be written (disk full, permissions, quota) stops the run with
+one line naming its path and the cause, exit status 4 (the newest complete checkpoint stays). A run that fails or is stopped before its first step leaves no workdir it created.
 
 This file only parses flags; the work is `emo_jax.train.loop.train_and_evaluate`.
 """
@@ -32,6 +33,7 @@ from emo_jax.cli import fail, initialize_distributed, parse_flags, quiet_logging
 from emo_jax.config import ConfigError, validate
 from emo_jax.data.sources import DataError
 from emo_jax.model_files import CheckpointError
+from emo_jax.train.checkpoint import SaveError
 from emo_jax.train.loop import StoppedBeforeStart, TrainingError, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -61,6 +63,8 @@ def main(argv):
         fail(str(err))
     except TrainingError as err:
         fail(str(err), status=3)
+    except SaveError as err:
+        fail(str(err), status=4)
     except StoppedBeforeStart as stop:
         removed = (f"; removed the workdir {stop.removed_workdir} that it had created"
                    if stop.removed_workdir else "")

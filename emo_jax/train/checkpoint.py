@@ -26,9 +26,16 @@ Training workdir (`Checkpointer`, written by `train_and_evaluate`):
 Reading a model's parameters from a workdir (or a standalone model directory), writing model
 directories and adopting a checkpoint's model shape live in emo_jax/model_files.py.
 
+Every checkpoint's `meta` carries checksums of the arrays of params and train_state
+(emo_jax/checksums.py: summed on the devices from the values being saved, before the
+asynchronous save starts), verified after a restore: a mismatch counts as unreadable. A save
+that fails (at once, or in Orbax's background thread: `check`, polled by the loop) raises
+`SaveError` naming the checkpoint and the cause; the newest complete checkpoint stays intact.
+
 Guarantees: a checkpoint of another model shape is refused with `CheckpointMismatchError`
-naming the differing config keys and arrays; an unreadable latest checkpoint is reported and
-the previous one used; nothing here deletes or overwrites a complete checkpoint (Orbax's
+naming the differing config keys and arrays; an unreadable or corrupt latest checkpoint is
+reported (one warning line naming it, where it was moved and the step resumed from) and the
+previous one used; nothing here deletes or overwrites a complete checkpoint (Orbax's
 keep-last-K removes the oldest ones only after a newer one is complete). Everything is read
 through Orbax and JSON; nothing is unpickled.
 """
@@ -36,6 +43,7 @@ through Orbax and JSON; nothing is unpickled.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import jax
@@ -43,12 +51,51 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from emo_jax import parallel
+from emo_jax import checksums, parallel
 from emo_jax.model_files import (CHECKPOINTS, CheckpointError, CheckpointMismatchError,
-                                 check_shapes, checkpoint_manager, config_dict, like_keys,
+                                 check_shapes, checkpoint_manager, config_dict,
+                                 describe_failure, like_keys,
                                  param_save_args, str_keys)
 
 UNREADABLE = "checkpoints_unreadable"
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions, quota); one sentence naming
+    the checkpoint's path and the cause. The run stops (exit status 4)."""
+
+
+def _limit_file_size(limit: int):
+    """Test hook (checkpoint.inject_save_failure_step): from now on, writes past `limit` bytes of
+    a file fail with EFBIG (OSError), as a full disk or a quota makes them fail."""
+    import resource  # pylint: disable=g-import-not-at-top
+    import signal  # pylint: disable=g-import-not-at-top
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def _cause(err: BaseException) -> str:
+    """The innermost cause of a failed save, in one line (Orbax wraps the OSError)."""
+    seen = err
+    while True:
+        nxt = seen.__cause__ or seen.__context__
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    if isinstance(err, OSError) or not isinstance(seen, OSError):
+        seen = err if isinstance(err, OSError) else seen
+    coded = re.search(r"os_error_code='(\d+)'", str(seen))
+    if coded:  # TensorStore: 'Failed writing: "PATH": ...: File too large [os_error_code='27']'
+        paths = re.findall(r'"(/[^"]+)"', str(seen))
+        errno = int(coded.group(1))
+        return (f"OSError: [Errno {errno}] {os.strerror(errno)}"
+                + (f": {paths[-1]}" if paths else ""))
+    if isinstance(seen, OSError) and seen.strerror:
+        where = f": {seen.filename}" if seen.filename else ""
+        return f"{type(seen).__name__}: [Errno {seen.errno}] {seen.strerror}{where}"
+    text = str(seen).strip().splitlines()
+    return f"{type(seen).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -76,6 +123,8 @@ class Checkpointer:
         self.config = config
         self.manager = checkpoint_manager(self.directory, config.checkpoint.keep,
                                           config.checkpoint.async_save)
+        self._saving = None  # the step of the newest save started
+        self._started = []  # the steps of the saves started by this run
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -85,21 +134,71 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False
         params, rest = _split_state(state)
-        params = str_keys(params)
+        params, rest = str_keys(params), str_keys(rest)
+        sums = checksums.record(dict(checksums.tree_checksums(params, "params"),
+                                     **checksums.tree_checksums(rest, "train_state",
+                                                                units=False)))
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params, save_args=param_save_args(params)),
-            train_state=ocp.args.StandardSave(str_keys(rest)),
+            train_state=ocp.args.StandardSave(rest),
             data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(dict(meta, step=step, config=config_dict(self.config))))
-        self.manager.save(step, args=args)
+            meta=ocp.args.JsonSave(dict(meta, step=step, config=config_dict(self.config),
+                                        checksums=sums)))
+        self.check()  # an earlier asynchronous save that failed stops the run first
+        self._saving = step
+        self._started.append(step)
+        if step == self.config.checkpoint.inject_save_failure_step:
+            _limit_file_size(64 * 1024)
+        try:
+            self.manager.save(step, args=args)
+        except Exception as err:  # noqa: BLE001 (disk full, permissions, quota, ...)
+            raise self._save_error(self._failed_step(), err) from None  # maybe an earlier one
         return True
 
+    def _save_error(self, step: int, err: BaseException) -> "SaveError":
+        where = os.path.join(self.directory, str(step))
+        latest = [s for s in self._complete_steps() if s != step]
+        kept = (f"the newest complete checkpoint is {max(latest)}" if latest
+                else "no complete checkpoint was written")
+        return SaveError(f"saving checkpoint {where} failed: {_cause(err)}; {kept} (rerun to "
+                         "resume from it once the cause is fixed)")
+
+    def _complete_steps(self) -> list[int]:
+        """Steps whose directory is final (Orbax renames it into place when complete; its
+        own step list includes saves still in progress)."""
+        try:
+            return [int(n) for n in os.listdir(self.directory) if n.isdigit()]
+        except OSError:
+            return []
+
+    def _failed_step(self) -> int | None:
+        """The oldest save this run started that is not complete (saves finish in order)."""
+        done = set(self._complete_steps())
+        pending = [s for s in self._started if s not in done]
+        return min(pending) if pending else self._saving
+
+    def check(self):
+        """Raises SaveError if an asynchronous save failed (cheap; the loop polls it)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as err:  # noqa: BLE001
+            raise self._save_error(self._failed_step(), err) from None
+
     def wait(self):
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001
+            raise self._save_error(self._failed_step(), err) from None
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+        except Exception:  # noqa: BLE001 (reported by wait or check, or the run failed anyway)
+            pass
+        try:
+            self.manager.close()
+        except Exception:  # noqa: BLE001
+            pass
 
     def _restore_step(self, step: int, abstract_state):
         where = os.path.join(self.directory, str(step))
@@ -115,6 +214,8 @@ class Checkpointer:
             params=ocp.args.StandardRestore(str_keys(target_params)),
             train_state=ocp.args.StandardRestore(str_keys(target_rest)),
             data=ocp.args.JsonRestore()))
+        checksums.verify(restored["params"], "params", meta.get("checksums"))
+        checksums.verify(restored["train_state"], "train_state", meta.get("checksums"))
         pure = dict(like_keys(restored["train_state"], target_rest),
                     model=like_keys(restored["params"], target_params))
         state = jax.tree.map(lambda x: x, abstract_state)
@@ -136,28 +237,29 @@ class Checkpointer:
             except CheckpointMismatchError:
                 raise
             except Exception as err:  # noqa: BLE001 (any failure to read means: unreadable)
-                reason = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-                logging.warning("checkpoint %s/%d is unreadable (%s: %s); trying the previous one",
-                                self.directory, step, type(err).__name__, reason)
-                failed.append((step, f"{type(err).__name__}: {reason}"))
+                failed.append((step, describe_failure(err)))
                 continue
             if failed:
-                self._set_aside([s for s, _ in failed])
+                moved = self._set_aside([s for s, _ in failed])
+                for (bad, (state, reason)), target in zip(failed, moved):
+                    logging.warning("checkpoint %s/%d is %s (%s); moved it to %s; resuming from "
+                                    "step %d", self.directory, bad, state, reason, target, step)
             return result
         if failed:
             raise CheckpointError(
                 f"no readable checkpoint in {self.directory} (tried steps "
-                f"{', '.join(str(s) for s, _ in failed)}; newest error: {failed[0][1]}); move "
+                f"{', '.join(str(s) for s, _ in failed)}; newest is {failed[0][1][0]}: {failed[0][1][1]}); move "
                 f"the directory away to start afresh")
         return None
 
     def _set_aside(self, steps):
+        aside = os.path.join(self.workdir, UNREADABLE)
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        targets = [os.path.join(aside, f"{step}-{stamp}") for step in steps]
         if jax.process_index() == 0:
-            aside = os.path.join(self.workdir, UNREADABLE)
             os.makedirs(aside, exist_ok=True)
-            for step in steps:
-                target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            for step, target in zip(steps, targets):
                 os.rename(os.path.join(self.directory, str(step)), target)
-                logging.warning("moved unreadable checkpoint %d to %s", step, target)
         parallel.barrier("emo_jax_checkpoint_set_aside")
         self.manager.reload()
+        return targets

@@ -20,6 +20,13 @@ A step whose loss or gradient is not finite is skipped by the step itself; here 
 reported, and `train.max_bad_steps` of them in a row stop the run with `TrainingError` without
 saving (the last checkpoint, taken before, stays the newest).
 
+A save that fails (disk full, permissions, quota: Orbax raises, at once or in its background
+thread) stops the run with `checkpoint.SaveError` naming the checkpoint's path and the cause:
+at the save itself, or for an asynchronous one at the next logged step (the loop polls the
+save's status), at the latest at the end of the run. Nothing is lost but the steps since the
+newest complete checkpoint, which stays intact (Orbax finalises a checkpoint only when all of
+it is written).
+
 This module never builds the model or the optimiser itself (step.py) and never formats files
 (checkpoint.py, metrics.py).
 """
@@ -287,6 +294,7 @@ class _Run:
             if self.writer.active:
                 flat["skipped_records"] = self.report_bad_records(step_number)
             self.writer.write(step_number, flat)
+            self.checkpointer.check()  # a failed asynchronous save stops the run here
         bad = int(flat["bad_steps_in_a_row"])
         if bad >= self.config.train.max_bad_steps:
             raise TrainingError(

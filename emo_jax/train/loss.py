@@ -11,12 +11,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from emo_jax.data.packing import opening_eos
 from emo_jax.model import losses
 
 
 def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None,
                      num_shards: int = 1, step_counts_LR=None, step_tokens_L=None,
-                     loss_scale: float = 1.0, step_predicted=None):
+                     loss_scale: float = 1.0, step_predicted=None, group_tokens_L=None,
+                     group_weight: float = 1.0):
     """Scalar loss and a dict of scalar / per-layer metrics for one (micro-)batch.
 
     Args:
@@ -29,6 +31,12 @@ def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None
         one of several micro-batches and the scope is 'global': f_e then comes from the whole step
         and P_e is this micro-batch's share of the step's probability mass, so the per-micro-batch
         balance terms add up to exactly the global-batch loss.
+      group_tokens_L, group_weight: with `moe.balance_group_rows` larger than a micro-batch,
+        `step_counts_LR` and `group_tokens_L` are the statistics of the balance group this
+        micro-batch belongs to (a union of micro-batches), and the term is weighted
+        `group_weight` = 1 / the number of groups, so the terms add up to the mean of the group
+        losses. Otherwise `moe.balance_group_rows` > 0 splits the rows given into strided
+        groups of that many rows (`losses.grouped_balance_loss`).
       loss_scale: every term is multiplied by this (1/micro_batches when the caller sums
         micro-batch losses), except the step-global balance term, which already sums to the step's.
       step_predicted: predicted tokens of the whole step (with `step_tokens_L`, its real tokens
@@ -39,7 +47,8 @@ def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None
         Metrics `cross_entropy`, `output_z_loss`, `router_z_loss` are then such shares too.
     """
     m, moe, t = config.model, config.moe, config.train
-    targets_BS, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"])
+    targets_BS, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"],
+                                                    opening_eos(config))
     out = model(batch["tokens"], batch["segment_ids"], batch["positions"], pool_key=pool_key,
                 expert_mask_LR=expert_mask_LR, targets_BS=targets_BS)
     stats = out.routing
@@ -50,10 +59,22 @@ def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None
     layers = m.num_layers
     if step_counts_LR is not None:
         # Global balance across micro-batches: R * sum_e f_e(step) * probsum_e(micro) / T(step).
+        # (The same with a balance group's statistics and the weight of one group's mean.)
         num_routed = step_counts_LR.shape[-1]
-        f_LR = step_counts_LR / (moe.top_k * jnp.maximum(step_tokens_L, 1.0)[:, None])
-        p_LR = stats.prob_sums_BR.sum(1) / jnp.maximum(step_tokens_L, 1.0)[:, None]
+        t_L = step_tokens_L if group_tokens_L is None else group_tokens_L
+        f_LR = step_counts_LR / (moe.top_k * jnp.maximum(t_L, 1.0)[:, None])
+        p_LR = stats.prob_sums_BR.sum(1) / jnp.maximum(t_L, 1.0)[:, None]
         balance_L = num_routed * jnp.sum(jax.lax.stop_gradient(f_LR) * p_LR, -1)
+        if group_tokens_L is not None:
+            balance_L = balance_L * group_weight
+    elif moe.balance_group_rows:
+        rows = batch["tokens"].shape[0]
+        if rows % moe.balance_group_rows:
+            raise ValueError(f"moe.balance_group_rows ({moe.balance_group_rows}) does not divide "
+                             f"the {rows} rows given")
+        balance_L = losses.grouped_balance_loss(
+            stats.counts_BR, stats.prob_sums_BR, stats.tokens_B, moe.top_k,
+            rows // moe.balance_group_rows)
     else:
         balance_L = losses.balance_loss_per_layer(
             stats.counts_BR, stats.prob_sums_BR, stats.tokens_B, moe.top_k,

@@ -122,8 +122,12 @@ def tpu_target(name: str, hbm_gb: float | None = None) -> Target:
         raise PlanError(LIBTPU_MISSING)
     from jax.experimental import topologies
 
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=topo,
-                                           **_GENERATIONS[gen][2]).devices
+    try:
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=topo,
+                                               **_GENERATIONS[gen][2]).devices
+    except jax.errors.JaxRuntimeError as err:
+        raise PlanError(f"libtpu could not describe topology {topo} ({name}): "
+                        f"{str(err).splitlines()[0]}") from err
     hbm, source = HBM_GIB[gen] * GIB, f"{gen} HBM per chip"
     if hbm_gb is not None:
         hbm, source = hbm_gb * GIB, "--hbm_gb"
@@ -180,9 +184,10 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z][a-z0-9]*)\[([0-9
 _NO_ALLOC = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant", "after-all"}
 
 
-def largest_buffers(hlo_text: str, count: int = 5) -> list[dict]:
+def largest_buffers(hlo_text: str, count: int = 5, limit: float | None = None) -> list[dict]:
     """The largest array values of the optimised (per-device) HLO outside fusion bodies: a
-    rough view of what fills the temporaries (best effort; parameters excluded)."""
+    rough view of what fills the temporaries (best effort; parameters excluded). Values over
+    `limit` bytes (e.g. the temporaries' total) are never allocated whole and are left out."""
     found, skip = [], False
     for line in hlo_text.splitlines():
         if line and not line[0].isspace() and line.rstrip().endswith("{"):
@@ -196,6 +201,8 @@ def largest_buffers(hlo_text: str, count: int = 5) -> list[dict]:
             continue
         dims = [int(d) for d in m.group(3).split(",") if d]
         size = math.prod(dims) * _DTYPE_BYTES[m.group(2)]
+        if limit is not None and size > limit:
+            continue
         op_name = re.search(r'op_name="([^"]*)"', line)
         where = "/".join(op_name.group(1).split("/")[-3:]) if op_name else ""
         found.append({"bytes": size, "shape": f"{m.group(2)}[{m.group(3)}]", "op": m.group(4),
@@ -235,7 +242,7 @@ def make_plan(config, target: Target) -> dict:
     }
     if not fits:
         try:
-            plan["largest"] = largest_buffers(compiled.as_text())
+            plan["largest"] = largest_buffers(compiled.as_text(), limit=max(temp, 1))
         except Exception:  # noqa: BLE001 - best effort; the plan stands without it
             plan["largest"] = []
     return plan

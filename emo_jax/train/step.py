@@ -18,8 +18,14 @@ losses are scaled so that they add up to the loss of the whole batch exactly:
     is no extra pass. It is exact because f_e enters the loss as a constant: no method that
     runs each micro-batch's backward before knowing the step's counts can avoid a pre-pass
     without storing every micro-batch's activations (which is what accumulation avoids).
-  * 'micro_batch' (the reference) and the ablation scopes: each micro-batch's own balance loss,
-    averaged over the M micro-batches.
+  * 'micro_batch' and the ablation scopes: each micro-batch's own balance loss, averaged over
+    the M micro-batches.
+  * `moe.balance_group_rows` = G > 0 (instead of a scope): K = B/G strided groups, group k
+    holding rows k, k+K, k+2K, ... of the global batch, so they do not depend on M: G = B/M
+    makes the groups the micro-batches (= 'micro_batch'), G = B one group (= 'global'). A group
+    inside a micro-batch (G divides B/M) is balanced there with no pre-pass; a group spanning
+    several micro-batches (G a multiple of B/M: micro-batches m with the same m mod K) takes its
+    counts from the same pre-pass as 'global' (per micro-batch, summed per group).
 
 A step whose loss or gradient norm is not finite is not applied (parameters and optimiser state
 stay as they were) and is counted; the loop stops after `train.max_bad_steps` in a row.
@@ -33,8 +39,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from emo_jax import parallel
+from emo_jax.data.packing import opening_eos
 from emo_jax.model import losses
-from emo_jax.config import routed_experts
 from emo_jax.model.model_config import ModelConfig
 from emo_jax.model.transformer import Transformer
 from emo_jax.train import modules
@@ -101,8 +107,8 @@ def split_micro_batches(batch, micro_batches: int, mesh):
     return {k: one(v) for k, v in batch.items()}
 
 
-def _token_totals(batch, num_layers):
-    _, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"])
+def _token_totals(batch, num_layers, eos):
+    _, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"], eos)
     predicted = jnp.sum(mask_BS.astype(jnp.float32))
     real = jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32))
     return predicted, jnp.full((num_layers,), real)
@@ -137,32 +143,50 @@ def loss_and_grads(model_graphdef, params, batch, config, step_key, num_shards: 
 
     micro = split_micro_batches(batch, m_count, mesh)
     keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(m_count))
-    step_predicted, step_tokens_L = _token_totals(batch, config.model.num_layers)
+    step_predicted, step_tokens_L = _token_totals(batch, config.model.num_layers,
+                                                  opening_eos(config))
     extra = {"step_predicted": step_predicted, "step_tokens_L": step_tokens_L,
              "loss_scale": 1.0 / m_count}
-    global_scope = config.moe.balance_scope == "global"
-    if global_scope:
-        def count_one(total_LR, inputs):
+    rows = batch["tokens"].shape[0]
+    group_rows = config.moe.balance_group_rows
+    # Balance groups that span micro-batches need the pre-pass: the whole step ('global'), or
+    # `balance_group_rows` larger than a micro-batch.
+    spanning = group_rows > rows // m_count if group_rows else config.moe.balance_scope == "global"
+    per_micro = {}
+    if spanning:
+        def count_one(_, inputs):
             mb, key = inputs
             # Fresh Variables at this trace level (nnx refuses ones from the outer trace).
             model = nnx.merge(model_graphdef, jax.tree.map(lambda x: x, to_model(params)))
             out = model(mb["tokens"], mb["segment_ids"], mb["positions"], pool_key=key)
-            return total_LR + out.routing.counts_BR.sum(1), None
+            return None, (out.routing.counts_BR.sum(1), out.routing.tokens_B.sum(1))
 
-        zeros_LR = jnp.zeros((config.model.num_layers, routed_experts(config)), jnp.float32)
-        counts_LR, _ = jax.lax.scan(count_one, zeros_LR, (micro, keys))
-        extra["step_counts_LR"] = jax.lax.stop_gradient(counts_LR)
+        _, (counts_MLR, tokens_ML) = jax.lax.scan(count_one, None, (micro, keys))
+        counts_MLR = jax.lax.stop_gradient(counts_MLR)
+        if not group_rows:
+            extra["step_counts_LR"] = counts_MLR.sum(0)
+        else:  # group k = micro-batches m with m mod K = k (K = rows / group_rows groups)
+            groups = rows // group_rows
+            span = m_count // groups
+
+            def per_group(x_M):
+                return jnp.tile(x_M.reshape(span, groups, *x_M.shape[1:]).sum(0),
+                                (span,) + (1,) * (x_M.ndim - 1))
+
+            per_micro = {"step_counts_LR": per_group(counts_MLR),
+                         "group_tokens_L": per_group(jax.lax.stop_gradient(tokens_ML))}
+            extra["group_weight"] = 1.0 / groups
 
     def accumulate(grads_acc, inputs):
-        mb, key = inputs
-        (loss, metrics), grads = grad_fn(params, mb, key, **extra)
+        mb, key, group = inputs
+        (loss, metrics), grads = grad_fn(params, mb, key, **extra, **group)
         return jax.tree.map(jnp.add, grads_acc, grads), (loss, metrics)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, (losses_M, metrics_M) = jax.lax.scan(accumulate, zeros, (micro, keys))
+    grads, (losses_M, metrics_M) = jax.lax.scan(accumulate, zeros, (micro, keys, per_micro))
     metrics = {}
     for name, value in metrics_M.items():
-        summed = name in _SUMMED or (name == "balance_loss" and global_scope)
+        summed = name in _SUMMED or (name == "balance_loss" and spanning)
         metrics[name] = value.sum(0) if summed else value.mean(0)
     return losses_M.sum(), _load_metrics(metrics), grads
 
@@ -255,7 +279,8 @@ def eval_sums(model, batch, config, expert_mask_LR=None):
     Returns dict of float32 [B]: `ce_sum` (summed token cross-entropy) and `predicted`
     (tokens predicted), so any grouping of rows (per domain) averages exactly.
     """
-    targets_BS, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"])
+    targets_BS, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"],
+                                                    opening_eos(config))
     out = model(batch["tokens"], batch["segment_ids"], batch["positions"], pool_key=None,
                 expert_mask_LR=expert_mask_LR, targets_BS=targets_BS)
     maskf_BS = mask_BS.astype(jnp.float32)

@@ -1,0 +1,34 @@
+"""The device mesh the model is traced under, as the model sees it.
+
+Training and evaluation trace the model under `jax.set_mesh(mesh)`; the few places whose math
+must run per device (routing, expert dispatch, Pallas kernels that XLA cannot partition) ask
+`ambient_mesh` whether to wrap themselves in `jax.shard_map` over the batch axes. The axis names
+equal `emo_jax.parallel`'s (the model cannot import it: it sits above the model).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from jax.sharding import AxisType
+
+EXPERT_AXIS = "expert"
+BATCH_AXES = ("data", "fsdp", "expert")
+
+
+def ambient_mesh(rows: int):
+    """The mesh set by `jax.set_mesh` at trace time when `rows` (a leading batch axis) should be
+    split over it: it has the batch axes, none of them already manual, more than one device, and
+    `rows` divides evenly (else, e.g. decoding one sequence, the one-device path runs under
+    GSPMD: correct, not sharded). None otherwise.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return None
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    if any(types[a] == AxisType.Manual for a in BATCH_AXES):
+        return None
+    if rows % math.prod(mesh.shape[a] for a in BATCH_AXES):
+        return None
+    return mesh
