@@ -33,8 +33,6 @@ import time
 if __package__ in (None, ""):  # `python bench/tax_study.py`: make `bench` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-
 from bench import replicate  # noqa: E402
 from emo_jax.data import read_documents  # noqa: E402
 

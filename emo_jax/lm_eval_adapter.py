@@ -22,7 +22,8 @@ and runs `batch_size` rows at a time: the width is the power of two (>= 64, <= s
 holds the longest request of a call, so a whole evaluation compiles the forward a handful of
 times. The forward holds batch_size x width x vocabulary float32 logits: lower batch_size for
 a large vocabulary. Decoding batches the requests that share a prompt length (a cache has no
-padding) and compiles once per prompt length. Sampling options in gen_kwargs are ignored: decoding is greedy.
+padding) and compiles once per prompt length. Sampling options in gen_kwargs are ignored:
+decoding is greedy.
 
 With the harness installed (`pip install -e '.[lm_eval]'`), importing this module registers
 the harness model `emo_jax` (`EmoJaxLM`; model_args `checkpoint=DIR[,subset=FILE][,step=N]

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from emo_jax.model.mesh_context import BATCH_AXES, ambient_mesh
+from emo_jax.model.mesh_context import BATCH_AXES, ambient_mesh, pallas_allowed
 
 # A finite "minus infinity": exp() of it is exactly 0, and it never produces NaN in softmax.
 NEG_INF = -1e30
@@ -105,16 +105,18 @@ def attention(q_BSHDh, k_BSKDh, v_BSKDh, segment_ids_BS, *, impl: str = "auto",
     interpreter (tests on CPU only).
     """
     impl = resolve_attention_impl(impl, seq_len=q_BSHDh.shape[1])
+    mesh = ambient_mesh(q_BSHDh.shape[0])
+    if impl == "splash" and mesh is None and not pallas_allowed():
+        impl = "chunked"  # rows that do not split over the mesh: XLA partitions this call
+    if impl == "cudnn":
+        return cudnn_attention(q_BSHDh, k_BSKDh, v_BSKDh, segment_ids_BS)
     if impl == "dense":
         return dense_attention(q_BSHDh, k_BSKDh, v_BSKDh, segment_causal_mask(segment_ids_BS))
     if impl == "chunked":
         return chunked_attention(q_BSHDh, k_BSKDh, v_BSKDh, segment_ids_BS, q_chunk=chunk,
                                  kv_chunk=chunk)
-    if impl == "cudnn":
-        return cudnn_attention(q_BSHDh, k_BSKDh, v_BSKDh, segment_ids_BS)
     if impl == "splash":
         run = functools.partial(splash_attention, interpret=interpret)
-        mesh = ambient_mesh(q_BSHDh.shape[0])
         if mesh is not None:  # a Pallas kernel is not partitioned by XLA: run it per device
             rows = P(BATCH_AXES)
             run = jax.shard_map(run, mesh=mesh, in_specs=(rows,) * 4, out_specs=rows,

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from emo_jax.model.mesh_context import pallas_allowed
+
 
 IMPLS = ("auto", "megablox", "ragged_dot", "blocked", "looped")
 MEGABLOX_TILE = 128  # rows per tile of the megablox kernel (and its default k, n tiles)
@@ -71,6 +73,8 @@ def grouped_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, *, imp
     x_AD = x_AD.astype(dt)
     w_gate_RDF, w_up_RDF, w_down_RFD = (w.astype(dt) for w in (w_gate_RDF, w_up_RDF, w_down_RFD))
     group_sizes_R = group_sizes_R.astype(jnp.int32)
+    if impl == "megablox" and not pallas_allowed():
+        impl = "ragged_dot"  # e.g. decoding one row under a mesh: not split per device
     if impl == "megablox":
         y_AD = megablox_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD)
         return y_AD, jnp.sum(group_sizes_R)

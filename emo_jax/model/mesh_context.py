@@ -32,3 +32,12 @@ def ambient_mesh(rows: int):
     if rows % math.prod(mesh.shape[a] for a in BATCH_AXES):
         return None
     return mesh
+
+
+def pallas_allowed() -> bool:
+    """Whether a Pallas (Mosaic) kernel may run here: XLA cannot partition one, so not under a
+    multi-device mesh whose axes XLA still partitions (inside `shard_map` they are manual)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return True
+    return all(t == AxisType.Manual for t in mesh.axis_types)

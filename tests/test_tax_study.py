@@ -1,0 +1,33 @@
+"""bench/tax_study.py without training: its settings and its table (a real smoke run trains
+three small models, minutes on a CPU: run `python bench/tax_study.py --out=DIR
+--settings=baseline,pool8 --steps=20 --smoke --max_eval_docs=3` by hand)."""
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import tax_study  # noqa: E402
+
+
+def test_list_prints_every_setting():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "tax_study.py"), "--list",
+                          "--custom=mine:--config.moe.balance_weight=0.05:"], cwd=ROOT,
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    for name in [*tax_study.SETTINGS, "mine"]:
+        assert f"{name}:" in out
+
+
+def test_table_has_the_tax_and_the_subset_increases(tmp_path):
+    args = argparse.Namespace(fractions=[0.25, 0.125])
+    results = [{"setting": "baseline", "steps": 1000, "both": [], "emo_only": [],
+                "emo_full": 1.039, "standard_full": 1.0, "tax": 0.039,
+                "emo_increase": {0.25: 0.03, 0.125: 0.1},
+                "standard_increase": {0.25: 0.45, 0.125: 0.69}}]
+    tax_study.write_markdown(tmp_path / "t.md", results, args, 60.0)
+    text = (tmp_path / "t.md").read_text()
+    assert ("| baseline | 1000 | 1.0390 | 1.0000 | +3.90% | +0.030 | +0.450 | +0.100 | +0.690 "
+            "| 0.14 |") in text
