@@ -32,9 +32,14 @@ import re
 import time
 
 import jax
+import ml_collections
 
 from emo_jax import parallel
 from emo_jax.config import ConfigError
+from emo_jax.data.packing import opening_eos
+from emo_jax.model.model_config import ModelConfig
+from emo_jax.model.summary import summarize
+from emo_jax.train import step as step_lib
 
 GIB = 1024 ** 3
 
@@ -213,10 +218,17 @@ def largest_buffers(hlo_text: str, count: int = 5, limit: float | None = None) -
 
 def make_plan(config, target: Target) -> dict:
     """Compiles the train step for `target` and returns the figures of the plan."""
-    from emo_jax.model.model_config import ModelConfig
-    from emo_jax.model.summary import summarize
-    from emo_jax.train import step as step_lib
-
+    notes = []
+    if config.data.boundary == "eos_opens":
+        try:
+            opening_eos(config)
+        except ConfigError:
+            # The eos id is a value in the targets, never a shape: the same program's memory.
+            config = ml_collections.ConfigDict(config.to_dict())
+            config.data.boundary = "eos_closes"
+            notes.append(f"note: data.tokenizer ({config.data.tokenizer!r}) is not readable "
+                         f"here; planned with data.boundary='eos_closes' (same shapes and "
+                         f"memory as 'eos_opens')")
     mesh = parallel.make_mesh(config, devices=target.devices)
     parallel.check_batch(config, mesh)
     parallel.check_experts(config, mesh)
@@ -238,7 +250,7 @@ def make_plan(config, target: Target) -> dict:
         "peak": getattr(mem, "peak_memory_in_bytes", 0) or None,
         "fits": fits, "compile_s": compile_s, "summary": summary,
         "flops_per_step": summary["flops_per_token"] * tokens, "tokens_per_step": tokens,
-        "largest": [],
+        "largest": [], "notes": notes,
     }
     if not fits:
         try:
@@ -256,7 +268,7 @@ def report_lines(plan: dict) -> list[str]:
     """The human-readable plan; the last line is the machine-readable `plan: ...` summary."""
     t, s = plan["target"], plan["summary"]
     hbm = t.hbm_bytes
-    lines = [
+    lines = list(plan.get("notes", [])) + [
         f"target: {t.name} = {t.description}, {plan['devices']} devices",
         "mesh: " + " ".join(f"{k}={v}" for k, v in plan["mesh"].items()),
         f"model: {s['total_params']:,} parameters ({s['active_params']:,} active); "
