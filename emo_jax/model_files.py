@@ -51,7 +51,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from emo_jax import checksums, parallel
+from emo_jax import checksums, parallel, storage
 from emo_jax.config import SHAPE_KEYS, ConfigError, default_config, validate
 from emo_jax.data import tokenizers
 from emo_jax.model.summary import summarize
@@ -64,6 +64,13 @@ MODEL_FORMAT = "emo_jax.model"
 MODEL_FORMAT_VERSION = 1
 # Stacked expert weights [L, E, ...] of blocks/moe: chunked one expert per chunk on disk.
 EXPERT_STACKS = ("w_gate", "w_up", "w_down", "shared_gate", "shared_up", "shared_down")
+
+# The file of a model directory written last: a directory without it is incomplete (on object
+# storage, where a directory cannot be renamed into place, it is the only completion mark).
+MODEL_MARKER = "metadata.json"
+# On object storage, the first file of a model directory being written: a directory with it and
+# without MODEL_MARKER is the remains of an interrupted save (removed by the next save).
+WRITING_MARKER = "WRITING"
 
 # Config keys a run started from --init_checkpoint takes from the checkpoint's config: the
 # parameter shapes, and top_k (an extracted model's is min(top_k, K - shared)).
@@ -222,16 +229,16 @@ def abstract_model(config, mesh):
 
 def _resolve(path: str, step: int | None):
     """('model', dir, None) or ('workdir', checkpoints dir, step or None)."""
-    path = os.path.abspath(path)
-    meta_path = os.path.join(path, "metadata.json")
-    if os.path.isfile(meta_path):
+    path = storage.absolute(path)
+    meta_path = storage.join(path, MODEL_MARKER)
+    if storage.isfile(meta_path):  # written last: the model directory is complete
         return "model", path, None
-    if os.path.isdir(os.path.join(path, CHECKPOINTS)):
-        return "workdir", os.path.join(path, CHECKPOINTS), step
-    base = os.path.basename(path)
-    if base.isdigit() and os.path.isdir(path):
-        return "workdir", os.path.dirname(path), int(base) if step is None else step
-    if os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path)):
+    if storage.isdir(storage.join(path, CHECKPOINTS)):
+        return "workdir", storage.join(path, CHECKPOINTS), step
+    base = storage.basename(path)
+    if base.isdigit() and storage.isdir(path):
+        return "workdir", storage.dirname(path), int(base) if step is None else step
+    if storage.isdir(path) and any(n.isdigit() for n in storage.listdir(path)):
         return "workdir", path, step
     raise CheckpointError(
         f"no emo_jax checkpoint at {path}: expected a training workdir (with {CHECKPOINTS}/), "
@@ -245,15 +252,13 @@ def load_params(path: str, target_params, config, *, step: int | None = None):
     kind, directory, step = _resolve(path, step)
     target = str_keys(target_params)
     if kind == "model":
-        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
-            saved_config = json.load(f)
-        with open(os.path.join(directory, "metadata.json"), encoding="utf-8") as f:
-            metadata = json.load(f)
+        saved_config = json.loads(storage.read_text(storage.join(directory, "config.json")))
+        metadata = json.loads(storage.read_text(storage.join(directory, MODEL_MARKER)))
         if metadata.get("format") != MODEL_FORMAT:
             raise CheckpointError(f"{directory}/metadata.json is not an emo_jax model "
                                   f"(format {metadata.get('format')!r})")
         checkpointer = ocp.StandardCheckpointer()
-        params_dir = os.path.join(directory, "params")
+        params_dir = storage.join(directory, "params")
         check_shapes(checkpointer.metadata(params_dir).item_metadata, target, directory,
                      saved_config, config)
         try:
@@ -270,7 +275,7 @@ def load_params(path: str, target_params, config, *, step: int | None = None):
         raise CheckpointError(f"no checkpoint in {directory}")
     failures = []
     for s in steps:
-        where = os.path.join(directory, str(s))
+        where = storage.join(directory, str(s))
         try:
             meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             check_shapes(manager.item_metadata(s)["params"], target, where, meta.get("config"),
@@ -294,15 +299,14 @@ def load_params(path: str, target_params, config, *, step: int | None = None):
                 dict(metadata, kind="workdir", path=where, step=s))
     raise CheckpointError(
         f"no readable checkpoint in {directory} (tried "
-        f"{', '.join(os.path.basename(w) for w, _, _ in failures)}; newest is {failures[0][1]}: "
+        f"{', '.join(storage.basename(w) for w, _, _ in failures)}; newest is {failures[0][1]}: "
         f"{failures[0][2]})")
 
 
 def _saved_config(path: str, step: int | None) -> dict:
     kind, directory, step = _resolve(path, step)
     if kind == "model":
-        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = json.loads(storage.read_text(storage.join(directory, "config.json")))
         data = saved.get("data")
         if isinstance(data, dict) and isinstance(data.get("tokenizer"), str):
             # the tokenizer's files live in the model directory, named relative to it
@@ -358,19 +362,18 @@ def locate_params(path: str, step: int | None = None) -> tuple[str, dict, dict]:
     of emo_jax/modular/lazy.py). A workdir gives its newest checkpoint with readable metadata."""
     kind, directory, step = _resolve(path, step)
     if kind == "model":
-        with open(os.path.join(directory, "metadata.json"), encoding="utf-8") as f:
-            metadata = json.load(f)
+        metadata = json.loads(storage.read_text(storage.join(directory, MODEL_MARKER)))
         if metadata.get("format") != MODEL_FORMAT:
             raise CheckpointError(f"{directory}/metadata.json is not an emo_jax model "
                                   f"(format {metadata.get('format')!r})")
-        return (os.path.join(directory, "params"), _saved_config(directory, None),
+        return (storage.join(directory, "params"), _saved_config(directory, None),
                 dict(metadata, kind="model", path=directory,
                      checksums=read_checksums(directory)))
     manager = checkpoint_manager(directory, None, False, read_only=True)
     steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
     failures = []
     for s in steps:
-        where = os.path.join(directory, str(s))
+        where = storage.join(directory, str(s))
         try:
             meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as err:  # noqa: BLE001
@@ -383,7 +386,7 @@ def locate_params(path: str, step: int | None = None) -> tuple[str, dict, dict]:
             logging.warning("checkpoint %s is %s (%s); using step %d instead", bad, state,
                             reason, s)
         metadata = {k: v for k, v in meta.items() if k != "config"}
-        return (os.path.join(where, "params"), meta["config"],
+        return (storage.join(where, "params"), meta["config"],
                 dict(metadata, kind="workdir", path=where, step=s))
     raise CheckpointError(f"no readable checkpoint in {directory}")
 
@@ -432,20 +435,19 @@ def param_save_args(params: dict):
 
 def read_checksums(directory: str) -> dict | None:
     """The checksums record of a model directory (None: written before checksums existed)."""
-    path = os.path.join(directory, checksums.FILE)
-    if not os.path.isfile(path):
+    path = storage.join(directory, checksums.FILE)
+    if not storage.isfile(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(storage.read_text(path))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path} is unreadable: {type(err).__name__}: {err}") from None
 
 
 def write_checksums(directory: str, arrays: dict):
     """Writes a model directory's checksums.json ({name: entry} of `checksums.tree_checksums`)."""
-    with open(os.path.join(directory, checksums.FILE), "w", encoding="utf-8") as f:
-        json.dump(checksums.record(arrays), f, indent=1, sort_keys=True)
+    storage.write_text(storage.join(directory, checksums.FILE),
+                       json.dumps(checksums.record(arrays), indent=1, sort_keys=True))
 
 
 def save_model(path: str, model, config, metadata: dict | None = None, *,
@@ -462,7 +464,13 @@ def save_model(path: str, model, config, metadata: dict | None = None, *,
 def save_params(path: str, params: dict, config, metadata: dict | None = None, *,
                 overwrite: bool = False):
     """`save_model` of a params pure dict (jax or NumPy arrays, in any dtype: restore_model
-    casts to float32) instead of a model: what tools that never build the model write."""
+    casts to float32) instead of a model: what tools that never build the model write.
+
+    On object storage (gs://, s3://; no rename) the directory is written in place and is
+    complete once its metadata.json, written last, exists (`_save_params_remote`)."""
+    if storage.is_remote(path):
+        return _save_params_remote(storage.absolute(path), params, config, metadata,
+                                   overwrite=overwrite)
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise CheckpointError(f"{path} exists; choose another path or pass overwrite=True")
@@ -477,18 +485,7 @@ def save_params(path: str, params: dict, config, metadata: dict | None = None, *
                       save_args=param_save_args(params))
     checkpointer.wait_until_finished()
     if jax.process_index() == 0:
-        info = dict(metadata or {}, format=MODEL_FORMAT, format_version=MODEL_FORMAT_VERSION,
-                    summary=summarize(ModelConfig.from_config(config), config.data.seq_len),
-                    saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        spec = tokenizers.bundle_spec(config.data.tokenizer, partial)  # tokenizer/ travels
-        if spec != config.data.tokenizer:
-            config = ml_collections.ConfigDict(config.to_dict())
-            config.data.tokenizer = spec
-        with open(os.path.join(partial, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json(indent=2))
-        with open(os.path.join(partial, "metadata.json"), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2, sort_keys=True)
-        write_checksums(partial, sums)
+        _write_model_files(partial, config, metadata, sums)
         if os.path.exists(path):
             old = path + f".old-{os.getpid()}"
             os.rename(path, old)
@@ -496,5 +493,67 @@ def save_params(path: str, params: dict, config, metadata: dict | None = None, *
             shutil.rmtree(old)
         else:
             os.rename(partial, path)
+    parallel.barrier("emo_jax_save_model_end")
+    return path
+
+
+def _write_model_files(directory: str, config, metadata: dict | None, sums: dict):
+    """The files of a model directory beside params/ (process 0): tokenizer/, config.json,
+    checksums.json, and metadata.json last (the completion mark, MODEL_MARKER)."""
+    info = dict(metadata or {}, format=MODEL_FORMAT, format_version=MODEL_FORMAT_VERSION,
+                summary=summarize(ModelConfig.from_config(config), config.data.seq_len),
+                saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    spec = tokenizers.bundle_spec(config.data.tokenizer, directory)  # tokenizer/ travels
+    if spec != config.data.tokenizer:
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.data.tokenizer = spec
+    storage.write_text(storage.join(directory, "config.json"), config.to_json(indent=2))
+    write_checksums(directory, sums)
+    storage.write_text(storage.join(directory, MODEL_MARKER),
+                       json.dumps(info, indent=2, sort_keys=True))
+
+
+def _save_params_remote(path: str, params: dict, config, metadata: dict | None, *,
+                        overwrite: bool):
+    """save_params on object storage, where nothing can be renamed into place.
+
+    A new model is written straight into PATH: first a WRITING mark, then params/ (Orbax), the
+    other files, metadata.json last (from then on the directory is complete), then the mark is
+    removed. A PATH holding a WRITING mark but no metadata.json is what an interrupted save
+    left: it is written over. Replacing a complete model (`overwrite`) writes the new one
+    complete into PATH.partial first; only then is the old one taken down (its metadata.json
+    first) and the new one copied into PATH, metadata.json last. Only process 0 writes
+    anything but the arrays."""
+    marker, writing = storage.join(path, MODEL_MARKER), storage.join(path, WRITING_MARKER)
+    complete = storage.isfile(marker)
+    if storage.exists(path) and not overwrite and (complete or not storage.isfile(writing)):
+        raise CheckpointError(f"{path} exists; choose another path or pass overwrite=True")
+    target = path + ".partial" if complete else path
+    if jax.process_index() == 0:
+        if storage.isfile(storage.join(target, MODEL_MARKER)):
+            raise CheckpointError(
+                f"{target} holds a complete model (left by an interrupted replacement of "
+                f"{path}); move it away or remove it, then save again")
+        storage.rmtree(target, ignore_errors=True)  # an interrupted save: never complete
+        storage.write_text(storage.join(target, WRITING_MARKER), "an emo_jax model is being "
+                           "written here; without metadata.json it is incomplete\n")
+    parallel.barrier("emo_jax_save_model_start")
+    params = str_keys(params)
+    sums = checksums.tree_checksums(params, "params")  # every process (a collective)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(storage.join(target, "params"), params, save_args=param_save_args(params))
+    checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+        _write_model_files(target, config, metadata, sums)
+        storage.remove(storage.join(target, WRITING_MARKER))
+        if target != path:  # the new one is complete: now replace the old one
+            storage.write_text(writing, "being replaced\n")
+            storage.remove(marker)
+            for name in storage.listdir(path):
+                if name != WRITING_MARKER:
+                    storage.rmtree(storage.join(path, name))
+            storage.copytree(target, path, last=MODEL_MARKER)
+            storage.remove(writing)
+            storage.rmtree(target)
     parallel.barrier("emo_jax_save_model_end")
     return path

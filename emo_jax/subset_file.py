@@ -34,11 +34,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 
 import numpy as np
 from absl import logging
 
+from emo_jax import storage
 from emo_jax.config import SHAPE_KEYS, ConfigError
 from emo_jax.model.model_config import ModelConfig
 
@@ -163,24 +163,19 @@ def from_json(obj: dict, *, where: str = "subset") -> Subset:
 
 def load(path: str) -> Subset:
     """Reads and validates a subset file; SubsetError for a missing or malformed one."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise SubsetError(f"subset file '{path}' does not exist")
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+        obj = json.loads(storage.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SubsetError(f"subset file '{path}' is not valid JSON ({err})") from None
     return from_json(obj, where=f"subset file '{path}'")
 
 
 def save(subset: Subset, path: str) -> str:
-    """Writes the subset as JSON (atomically: a temporary file renamed into place)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(dumps(subset))
-    os.replace(tmp, path)
+    """Writes the subset as JSON (atomically: a temporary file renamed into place, or one
+    object on object storage)."""
+    storage.write_text(path, dumps(subset))
     return path
 
 

@@ -119,9 +119,15 @@ def reference_forward(model, ids, mask_LR=None):
                                 w("moe", "w_down")[ex])
                 norms[t, j] = np.linalg.norm(out_e)
                 y[t] += probs[t, ex] * out_e
+        shared_w = np.ones((s, e.num_shared_experts))  # one shared expert: weight 1.0
+        if e.num_shared_experts > 1:  # the softmax over the shared experts' own logits
+            zs = xn @ w("moe", "shared_router")
+            zs = np.exp(zs - zs.max(-1, keepdims=True))
+            shared_w = zs / zs.sum(-1, keepdims=True)
         for sh in range(e.num_shared_experts):
-            y += _swiglu(xn, w("moe", "shared_gate")[sh], w("moe", "shared_up")[sh],
-                         w("moe", "shared_down")[sh])
+            y += shared_w[:, sh:sh + 1] * _swiglu(xn, w("moe", "shared_gate")[sh],
+                                                  w("moe", "shared_up")[sh],
+                                                  w("moe", "shared_down")[sh])
         new_x = hres + y
         cos = np.sum(hres * new_x, -1) / (np.linalg.norm(hres, axis=-1) *
                                           np.linalg.norm(new_x, axis=-1))

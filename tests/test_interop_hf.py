@@ -79,7 +79,11 @@ def test_mapping_round_trip_is_bit_exact(shared, kv_heads):
     assert {k: v.shape for k, v in tensors.items()} == hf.hf_shapes(config)
     gate = tensors["model.layers.1.mlp.gate.weight"]
     np.testing.assert_array_equal(gate[:5], params["blocks.moe.router"][1].T)
-    assert not gate[5:].any()  # shared experts' router rows: zeros, last
+    if shared > 1:  # the shared experts' own router rows, last, carried exactly
+        np.testing.assert_array_equal(gate[5:], params["blocks.moe.shared_router"][1].T)
+        assert gate[5:].any()
+    else:  # one shared expert: its softmax is 1.0 whatever the row, written as zeros
+        assert not gate[5:].any()
     back_config, _ = hf.config_from_hf(hf_config)
     assert back_config.to_dict() == config.to_dict()
     back, notes = hf.params_from_hf(tensors, back_config)
@@ -283,15 +287,20 @@ def numpy_hf_forward(tensors, cfg, tokens):
             w = lambda n: t[p + f"mlp.experts.{e}.{n}_proj.weight"]  # noqa: E731
             return w("down") @ (silu(w("gate") @ xt) * (w("up") @ xt))
 
+        def softmax(z):
+            z = np.exp(z - z.max())
+            return z / z.sum()
+
         y = np.zeros_like(x)
         for tok in range(s):
-            logits = gate_w[:routed] @ x[tok]
-            soft = np.exp(logits - logits.max())
-            soft /= soft.sum()
+            soft = softmax(gate_w[:routed] @ x[tok])  # over the routed experts only
             for e in np.argsort(-soft)[:top]:
                 y[tok] += soft[e] * expert(e, x[tok])  # not renormalised
+            # the reference's shared experts: a second softmax over their own logits (the last
+            # rows of mlp.gate) weights each one (modeling_emo.py; 1.0 for a single one)
+            shared_soft = softmax(gate_w[routed:] @ x[tok])
             for e in range(routed, routed + shared):
-                y[tok] += expert(e, x[tok])  # weight 1
+                y[tok] += shared_soft[e - routed] * expert(e, x[tok])
         h = h + y
     return rms_norm(h, t["model.norm.weight"]) @ t["lm_head.weight"].T
 
@@ -335,7 +344,7 @@ def hand_made_hf(num_experts=6, shared=1, top_k=2, layers=2, d=24, heads=4, kv=2
                   p + "self_attn.k_proj.weight": r(kv * dh, d),
                   p + "self_attn.v_proj.weight": r(kv * dh, d),
                   p + "self_attn.o_proj.weight": r(d, heads * dh),
-                  p + "mlp.gate.weight": r(num_experts, d)})  # shared rows nonzero: unused
+                  p + "mlp.gate.weight": r(num_experts, d)})  # shared rows nonzero
         for e in range(num_experts):
             t.update({p + f"mlp.experts.{e}.gate_proj.weight": r(f, d),
                       p + f"mlp.experts.{e}.up_proj.weight": r(f, d),
@@ -343,7 +352,7 @@ def hand_made_hf(num_experts=6, shared=1, top_k=2, layers=2, d=24, heads=4, kv=2
     return cfg, t
 
 
-@pytest.mark.parametrize("shared,kv", [(1, 2), (2, 4)])
+@pytest.mark.parametrize("shared,kv", [(1, 2), (2, 4), (3, 2)])
 def test_imported_model_matches_numpy_forward_of_hf_layout(tmp_path, shared, kv):
 
     cfg, tensors = hand_made_hf(num_experts=5 + shared, shared=shared, kv=kv, seed=shared)
@@ -352,7 +361,8 @@ def test_imported_model_matches_numpy_forward_of_hf_layout(tmp_path, shared, kv)
     restored, config, metadata = restore_model(str(tmp_path / "model"))
     assert config.moe.eval_pool == 0 and config.moe.top_k == 2
     assert config.moe.num_experts == 5 + shared and config.moe.num_shared_experts == shared
-    assert any("dropped nonzero router rows" in n for n in metadata["notes"])
+    # one shared expert: its row cannot matter and is dropped; more: carried as shared_router
+    assert any("dropped the nonzero router row" in n for n in metadata["notes"]) == (shared == 1)
     model = hf.model_from_params(config, hf.model_params(restored))  # one device, host arrays
 
     tokens = np.random.default_rng(5).integers(0, cfg["vocab_size"], 12)
@@ -363,6 +373,48 @@ def test_imported_model_matches_numpy_forward_of_hf_layout(tmp_path, shared, kv)
     assert np.abs(expected).max() > 1.0  # logits large enough for the comparison to mean much
     print("max |emo_jax - numpy|:", np.abs(np.asarray(logits[0]) - expected).max())
     np.testing.assert_allclose(np.asarray(logits[0]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_two_shared_experts_import_export_is_bit_exact(tmp_path):
+    """A reference model with 2 shared experts: import then export gives back every tensor bit
+    for bit, the shared experts' router rows (the last rows of mlp.gate) included."""
+    cfg, tensors = hand_made_hf(num_experts=7, shared=2, seed=11)
+    write_hf_model(tmp_path / "hf", cfg, tensors)
+    convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "model"))
+    restored, config, metadata = restore_model(str(tmp_path / "model"))
+    assert config.moe.num_shared_experts == 2 and not any("dropped" in n
+                                                          for n in metadata["notes"])
+    params = hf.model_params(restored)
+    np.testing.assert_array_equal(params["blocks.moe.shared_router"][1],
+                                  tensors["model.layers.1.mlp.gate.weight"][5:].T)
+    convert.export_hf(str(tmp_path / "model"), str(tmp_path / "hf2"))
+    written = json.loads((tmp_path / "hf2" / "config.json").read_text())
+    assert written["num_shared_experts"] == 2 and written["num_experts_per_tok"] == 4
+    back = load_file(str(tmp_path / "hf2" / "model.safetensors"))
+    assert set(back) == set(tensors)
+    for name, value in tensors.items():
+        assert back[name].dtype == np.float32 and np.array_equal(back[name], value), name
+
+
+def test_numpy_forward_pins_shared_expert_weighting():
+    """Control: with 2 shared experts, weighting each by 1.0 (emo_jax before the reference's
+    shared softmax) gives clearly different logits, so the forward test above pins it."""
+    cfg, tensors = hand_made_hf(num_experts=7, shared=2, seed=3)
+    tokens = np.arange(10) % cfg["vocab_size"]
+    base = numpy_hf_forward(tensors, cfg, tokens)
+    # shared rows equal: softmax 0.5 each; doubling both shared down projections = weight 1.0
+    ones = dict(tensors)
+    for i in range(cfg["num_hidden_layers"]):
+        gate = tensors[f"model.layers.{i}.mlp.gate.weight"].copy()
+        gate[5:] = 0.0
+        ones[f"model.layers.{i}.mlp.gate.weight"] = gate
+    half = numpy_hf_forward(ones, cfg, tokens)
+    for i in range(cfg["num_hidden_layers"]):
+        for e in (5, 6):
+            name = f"model.layers.{i}.mlp.experts.{e}.down_proj.weight"
+            ones[name] = tensors[name] * 2.0
+    assert np.abs(numpy_hf_forward(ones, cfg, tokens) - half).max() > 1e-2
+    assert np.abs(half - base).max() > 1e-2
 
 
 def test_numpy_forward_pins_shared_expert_placement(tmp_path):

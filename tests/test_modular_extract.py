@@ -28,6 +28,7 @@ def logits_of(model, mask_LR=None):
     (dict(), 4),  # 1 shared + 3 routed, top_k 2 stays 2
     (dict(), 2),  # 1 shared + 1 routed: top_k becomes min(2, 1) = 1
     (dict(num_shared_experts=0, top_k=3), 5),  # no shared expert
+    (dict(num_shared_experts=2), 5),  # 2 shared (and their router) + 3 routed
 ])
 def test_extracted_logits_equal_the_masked_full_model(moe, keep):
     config = tiny_config(**moe)
@@ -48,6 +49,10 @@ def test_extracted_logits_equal_the_masked_full_model(moe, keep):
     assert report["params_before"] - report["params_after"] == removed * per_expert
     assert report["bytes_before"] - report["bytes_after"] == 4 * removed * per_expert
     assert report["bytes_after"] == extract.param_stats(small)["bytes"]
+    # The shared experts and their own router are kept whole.
+    for name in ("shared_down",) + (("shared_router",) if e.num_shared_experts > 1 else ()):
+        np.testing.assert_array_equal(getattr(small.blocks.moe, name)[...],
+                                      getattr(model.blocks.moe, name)[...])
     # The kept experts' weights are the full model's, in ascending id order.
     for layer, ids in enumerate(subset.layers):
         np.testing.assert_array_equal(small.blocks.moe.w_up[...][layer],

@@ -31,7 +31,16 @@ def dense_reference(x_BSD, layer, decision):
         sg, su, sd = (np.asarray(getattr(layer, n)[...], np.float64)
                       for n in ("shared_gate", "shared_up", "shared_down"))
         h = np.einsum("bsd,xdf->bsxf", x, sg)
-        y += np.einsum("bsxf,xfd->bsd", h / (1 + np.exp(-h)) * np.einsum("bsd,xdf->bsxf", x, su), sd)
+        out_BSXD = np.einsum("bsxf,xfd->bsxd",
+                             h / (1 + np.exp(-h)) * np.einsum("bsd,xdf->bsxf", x, su), sd)
+        # the reference's formula (modeling_emo.py): a softmax over the shared experts' own
+        # router logits weights each shared expert; one shared expert has weight 1.0
+        shared_w_BSX = np.ones(out_BSXD.shape[:3])
+        if sg.shape[0] > 1:
+            z = np.einsum("bsd,dx->bsx", x, np.asarray(layer.shared_router[...], np.float64))
+            z = np.exp(z - z.max(-1, keepdims=True))
+            shared_w_BSX = z / z.sum(-1, keepdims=True)
+        y += np.einsum("bsxd,bsx->bsd", out_BSXD, shared_w_BSX)
     return y
 
 
@@ -43,9 +52,10 @@ def make_layer(num_experts, shared, impl, top_k=2, d=16, f=24):
     return moe_lib.MoE(ModelConfig.from_config(c), rngs=nnx.Rngs(0)), c
 
 
-@pytest.mark.parametrize("pool", ["document", "none"])
-@pytest.mark.parametrize("shared", [0, 1])
-@pytest.mark.parametrize("impl", ["blocked", "looped", "ragged_dot"])
+@pytest.mark.parametrize("pool,shared,impl", [
+    (pool, shared, impl) for pool in ("document", "none") for shared in (0, 1)
+    for impl in ("blocked", "looped", "ragged_dot")] + [
+    ("document", 2, "blocked"), ("none", 3, "ragged_dot")])
 def test_dropless_matches_dense_reference(pool, shared, impl):
     layer, _ = make_layer(9 + shared if shared else 8, shared, impl)
     rng = np.random.default_rng(3)
@@ -69,9 +79,11 @@ def test_dropless_matches_dense_reference(pool, shared, impl):
                 jnp.einsum("bsd,edf->bsef", x, layer.w_up[...])
             out = jnp.einsum("bsef,efd,bse->bsd", h, layer.w_down[...], gates)
             if layer.shared_gate is not None:
+                w_TX = None if layer.shared_router is None else jax.nn.softmax(
+                    x.reshape(-1, 16) @ layer.shared_router[...], axis=-1)
                 out = out + experts.shared_swiglu(x.reshape(-1, 16), layer.shared_gate[...],
                                                   layer.shared_up[...], layer.shared_down[...],
-                                                  "float32").reshape(out.shape)
+                                                  "float32", w_TX).reshape(out.shape)
         else:
             out, _, _ = layer(x, seg, pool_size)
         return jnp.sum(out * jnp.cos(jnp.arange(16.0)))
@@ -82,6 +94,26 @@ def test_dropless_matches_dense_reference(pool, shared, impl):
     for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_dense)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
     assert np.abs(np.asarray(g_fast[0].router[...])).sum() > 0
+    assert (layer.shared_router is not None) == (shared > 1)  # one shared expert: no router
+    if shared > 1:
+        assert np.abs(np.asarray(g_fast[0].shared_router[...])).sum() > 0
+
+
+def test_one_shared_expert_is_the_weight_one_sum():
+    """X=1 has no shared router and no weights (the softmax over one logit is exactly 1.0): the
+    shared output is the plain SwiGLU (the code path of before; tests/test_pinned_behaviour.py
+    pins its numbers); X=2 with equal logits halves the sum."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(5, 16)).astype(np.float32))
+    ws = [jnp.asarray(0.3 * rng.normal(size=s).astype(np.float32))
+          for s in ((2, 16, 8), (2, 16, 8), (2, 8, 16))]
+    one = experts.shared_swiglu(x, *(w[:1] for w in ws), "float32")
+    h = jax.nn.silu(x @ ws[0][0]) * (x @ ws[1][0])
+    np.testing.assert_allclose(one, h @ ws[2][0], rtol=1e-6, atol=1e-6)
+    assert float(jax.nn.softmax(jnp.asarray([[3.7]]), axis=-1)[0, 0]) == 1.0
+    both = experts.shared_swiglu(x, *ws, "float32")
+    halves = experts.shared_swiglu(x, *ws, "float32", jnp.full((5, 2), 0.5))
+    np.testing.assert_allclose(halves, 0.5 * both, rtol=1e-5, atol=1e-6)
 
 
 def test_expert_rows_scale_with_assignments_not_experts():

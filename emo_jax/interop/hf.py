@@ -14,13 +14,17 @@ The layout, per layer i (E = R routed + X shared experts, shared ones LAST):
   model.layers.i.self_attn.q_proj.weight [H*Dh, D]     <- wq[i] [D, H, Dh] (head-major rows)
   model.layers.i.self_attn.{k,v}_proj.weight [KV*Dh, D] <- wk/wv[i] [D, KV, Dh]
   model.layers.i.self_attn.o_proj.weight [D, H*Dh]     <- wo[i] [H, Dh, D]
-  model.layers.i.mlp.gate.weight [E, D]     <- router[i] [D, R] transposed, then X zero rows
+  model.layers.i.mlp.gate.weight [E, D]     <- router[i] [D, R] transposed, then the X shared
+                                               rows: shared_router[i] [D, X] transposed (X > 1)
   model.layers.i.mlp.experts.e.{gate,up}_proj.weight [F, D], down_proj.weight [D, F]
         e < R: routed expert e (w_gate/w_up/w_down[i, e]); e >= R: shared expert e - R.
 
-The router rows of shared experts: the Hugging Face implementation takes the softmax over the
-routed experts' logits only, so those rows are never read. Export writes zeros there; import drops
-them (and reports it when they were not zero). RoPE is rotate-half in both, so q/k need no
+The router rows of shared experts: the Hugging Face implementation takes one softmax over the
+routed experts' logits (top-k of those) and another over the X shared experts' logits, which
+weights each shared expert; emo_jax's `shared_router` is exactly those rows, carried both ways.
+With one shared expert that softmax is 1.0 whatever its row holds, so emo_jax keeps no row:
+export writes zeros there, import drops it (and reports it when it was not zero). RoPE is
+rotate-half in both, so q/k need no
 permutation; GQA maps query head h to key/value head h // (H / KV) in both.
 
 Glossary: V vocabulary, D d_model, L layers, H query heads, KV key/value heads, Dh head dim,
@@ -181,7 +185,8 @@ def config_to_hf(config, *, dtype: str = "float32", subset: bool = False,
         "format_version": FORMAT_VERSION,
         "note": "emo_jax settings (training-only keys such as the document pool range); "
                 "ignored by transformers. mlp.gate rows of shared experts (the last "
-                "num_shared_experts rows) are zeros: the router never reads them.",
+                "num_shared_experts rows) weight them by their own softmax; with one shared "
+                "expert its row is zeros (a softmax over one logit is 1.0).",
         "config": config.to_dict(),
         **({"lineage": dict(lineage)} if lineage else {}),
     }
@@ -454,7 +459,11 @@ def export_tensors(params: Mapping, config) -> dict[str, Callable[[], np.ndarray
             return params["blocks.moe_norm.scale"][layer]
         if leaf == "mlp.gate.weight":
             router_RD = params["blocks.moe.router"][layer].T
-            shared_XD = np.zeros((config.moe.num_shared_experts, router_RD.shape[1]), np.float32)
+            if config.moe.num_shared_experts > 1:
+                shared_XD = params["blocks.moe.shared_router"][layer].T
+            else:
+                shared_XD = np.zeros((config.moe.num_shared_experts, router_RD.shape[1]),
+                                     np.float32)
             return np.concatenate([np.asarray(router_RD, np.float32), shared_XD], axis=0)
         proj = leaf.split(".")[1]  # self_attn.q_proj.weight -> q_proj
         w = params[f"blocks.attn.w{proj[0]}"][layer]
@@ -476,8 +485,9 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config):
 
     `tensors` may load lazily (a safetensors reader); names and shapes must already be checked
     against `hf_shapes(config)`. Stacked parameters are filled in place, one tensor at a time, so
-    the peak memory is the model plus one tensor. Shared experts' router rows are dropped; notes
-    say so when they were not zero.
+    the peak memory is the model plus one tensor. The shared experts' router rows become
+    `shared_router`; a single shared expert's row is dropped (its softmax is 1.0 whatever it
+    holds): notes say so when it was not zero.
     """
     m, e = config.model, config.moe
     r, x = routed_experts(config), e.num_shared_experts
@@ -501,7 +511,9 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config):
         params["blocks.attn.wo"][i] = get(p + "self_attn.o_proj.weight").T.reshape(h, dh, d)
         gate_ED = get(p + "mlp.gate.weight")
         params["blocks.moe.router"][i] = gate_ED[:r].T
-        if x and np.any(gate_ED[r:] != 0):
+        if x > 1:
+            params["blocks.moe.shared_router"][i] = gate_ED[r:].T
+        elif x and np.any(gate_ED[r:] != 0):
             dropped.append((i, float(np.max(np.abs(gate_ED[r:])))))
         for j in range(r + x):
             target, slot = ("w", j) if j < r else ("shared", j - r)
@@ -510,8 +522,9 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config):
                     p + f"mlp.experts.{j}.{kind}_proj.weight").T
     notes = []
     if dropped:
-        notes.append("dropped nonzero router rows of the shared experts (unused by EMO routing: "
-                     f"the softmax covers routed experts only), max |w| per layer: {dropped}")
+        notes.append("dropped the nonzero router row of the one shared expert (its weight is "
+                     "the softmax over its one logit, 1.0 whatever the row holds), max |w| per "
+                     f"layer: {dropped}")
     return params, notes
 
 

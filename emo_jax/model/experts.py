@@ -51,11 +51,21 @@ def dispatch_local(x_TD, expert_idx_TK, weights_TK, w_gate_RDF, w_up_RDF, w_down
     return y_TD, rows
 
 
-def shared_swiglu(x_TD, w_gate_XDF, w_up_XDF, w_down_XFD, compute_dtype):
-    """Sum of the always-on experts, each with weight 1.0."""
+def shared_swiglu(x_TD, w_gate_XDF, w_up_XDF, w_down_XFD, compute_dtype, weights_TX=None):
+    """The always-on experts: y_t = sum_x w_tx Expert_x(x_t).
+
+    weights_TX None: each weight is 1.0 (one shared expert: the softmax over its one logit);
+    the sum is taken inside the down projection, as it always was. Otherwise the float32 weights
+    (the softmax over the shared experts' own router logits) scale each expert's float32 output,
+    as the routed experts' are in `dispatch_local`.
+    """
     dt = jnp.dtype(compute_dtype)
     x_TD = x_TD.astype(dt)
     gate_TXF = jnp.einsum("td,xdf->txf", x_TD, w_gate_XDF.astype(dt))
     up_TXF = jnp.einsum("td,xdf->txf", x_TD, w_up_XDF.astype(dt))
-    return jnp.einsum("txf,xfd->td", jax.nn.silu(gate_TXF) * up_TXF,
-                      w_down_XFD.astype(dt)).astype(jnp.float32)
+    if weights_TX is None:
+        return jnp.einsum("txf,xfd->td", jax.nn.silu(gate_TXF) * up_TXF,
+                          w_down_XFD.astype(dt)).astype(jnp.float32)
+    y_TXD = jnp.einsum("txf,xfd->txd", jax.nn.silu(gate_TXF) * up_TXF,
+                       w_down_XFD.astype(dt)).astype(jnp.float32)
+    return jnp.einsum("txd,tx->td", y_TXD, weights_TX.astype(jnp.float32))

@@ -70,6 +70,11 @@ class MoE(nnx.Module):
             self.shared_down = param(rngs, (x, f, d), ("shared", "mlp", "embed"), std, config.init)
         else:
             self.shared_gate = self.shared_up = self.shared_down = None
+        # The shared experts' own router (the reference's gate rows R..E-1, transposed): their
+        # weights are the softmax over these X logits. One shared expert has none: the softmax
+        # over one logit is 1.0, so it is left out (the model and its checkpoints as before).
+        self.shared_router = (param(rngs, (d, x), ("embed", "shared"), std, config.init)
+                              if x > 1 else None)
 
     def __call__(self, x_BSD, segment_ids_BS, pool_size_BN=None, expert_mask_R=None, *,
                  capture: tuple[str, ...] = ()):
@@ -95,8 +100,13 @@ class MoE(nnx.Module):
         else:
             y_TD, rows, dropped = self._routed_experts(x_TD, expert_idx_TK, weights_TK)
         if self.shared_gate is not None:
+            weights_TX = None
+            if self.shared_router is not None:
+                weights_TX = jax.nn.softmax(jnp.einsum(
+                    "td,dx->tx", x_TD.astype(jnp.float32), self.shared_router[...]), axis=-1)
             y_TD = y_TD + experts.shared_swiglu(x_TD, self.shared_gate[...], self.shared_up[...],
-                                                self.shared_down[...], self.config.compute_dtype)
+                                                self.shared_down[...], self.config.compute_dtype,
+                                                weights_TX)
         if "expert_idx" in capture or "expert_contrib" in capture:
             captured["expert_idx_BSK"] = jnp.where(decision.weights_BSK > 0,
                                                    decision.expert_idx_BSK, -1).astype(jnp.int32)

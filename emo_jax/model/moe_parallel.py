@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from emo_jax.model import experts, routing
-from emo_jax.model.grouped_matmul import grouped_swiglu
+from emo_jax.model.grouped_matmul import grouped_swiglu, resolve_impl
 from emo_jax.model.mesh_context import BATCH_AXES, EXPERT_AXIS, ambient_mesh
 
 DISPATCHES = ("auto", "capacity", "ragged")
@@ -163,10 +163,13 @@ def routed_experts(x_TD, expert_idx_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down
         return (y_TD, jax.lax.psum(jnp.asarray(rows, jnp.int32), all_axes),
                 jax.lax.psum(jnp.asarray(dropped, jnp.int32), all_axes))
 
+    # A Pallas kernel's outputs carry no varying-axes type, which shard_map's check needs; without
+    # the check, shard_map psums the gradients of the weights over the axes they do not vary on.
+    check_vma = resolve_impl(impl) != "megablox"
     y_TD, rows, dropped = jax.shard_map(
         per_device, mesh=mesh,
         in_specs=(rows_spec, rows_spec, rows_spec, *weight_specs),
-        out_specs=(rows_spec, P(), P()),
+        out_specs=(rows_spec, P(), P()), check_vma=check_vma,
     )(x_TD, expert_idx_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
     return y_TD, rows.astype(jnp.float32), dropped.astype(jnp.float32)
 

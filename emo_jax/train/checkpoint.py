@@ -51,13 +51,14 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from emo_jax import checksums, parallel
+from emo_jax import checksums, parallel, storage
 from emo_jax.model_files import (CHECKPOINTS, CheckpointError, CheckpointMismatchError,
                                  check_shapes, checkpoint_manager, config_dict,
                                  describe_failure, like_keys,
                                  param_save_args, str_keys)
 
 UNREADABLE = "checkpoints_unreadable"
+COMMIT_MARKER = "commit_success.txt"  # Orbax's mark of a complete checkpoint on object storage
 
 
 class SaveError(RuntimeError):
@@ -99,12 +100,14 @@ def _cause(err: BaseException) -> str:
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+    return storage.join(storage.absolute(workdir), CHECKPOINTS)
 
 
 def has_checkpoints(workdir: str) -> bool:
+    """Whether the workdir holds any checkpoint directory (complete or not: a caller that would
+    remove the workdir must leave it)."""
     d = checkpoint_dir(workdir)
-    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+    return storage.isdir(d) and any(n.isdigit() for n in storage.listdir(d))
 
 
 def _split_state(state):
@@ -118,7 +121,7 @@ class Checkpointer:
     """The Orbax checkpoints of one training workdir: save, resume, fall back."""
 
     def __init__(self, workdir: str, config):
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = storage.absolute(workdir)
         self.directory = checkpoint_dir(workdir)
         self.config = config
         self.manager = checkpoint_manager(self.directory, config.checkpoint.keep,
@@ -156,7 +159,7 @@ class Checkpointer:
         return True
 
     def _save_error(self, step: int, err: BaseException) -> "SaveError":
-        where = os.path.join(self.directory, str(step))
+        where = storage.join(self.directory, str(step))
         latest = [s for s in self._complete_steps() if s != step]
         kept = (f"the newest complete checkpoint is {max(latest)}" if latest
                 else "no complete checkpoint was written")
@@ -164,12 +167,17 @@ class Checkpointer:
                          "resume from it once the cause is fixed)")
 
     def _complete_steps(self) -> list[int]:
-        """Steps whose directory is final (Orbax renames it into place when complete; its
-        own step list includes saves still in progress)."""
+        """Steps whose directory is final (Orbax renames it into place when complete on a disk,
+        and marks it with commit_success.txt on object storage; its own step list includes
+        saves still in progress)."""
         try:
-            return [int(n) for n in os.listdir(self.directory) if n.isdigit()]
+            names = [n for n in storage.listdir(self.directory) if n.isdigit()]
         except OSError:
             return []
+        if storage.is_remote(self.directory):
+            names = [n for n in names if storage.exists(
+                storage.join(self.directory, n, COMMIT_MARKER))]
+        return [int(n) for n in names]
 
     def _failed_step(self) -> int | None:
         """The oldest save this run started that is not complete (saves finish in order)."""
@@ -201,7 +209,7 @@ class Checkpointer:
             pass
 
     def _restore_step(self, step: int, abstract_state):
-        where = os.path.join(self.directory, str(step))
+        where = storage.join(self.directory, str(step))
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         meta = meta["meta"]
         target_params, target_rest = _split_state(abstract_state)
@@ -253,13 +261,23 @@ class Checkpointer:
         return None
 
     def _set_aside(self, steps):
-        aside = os.path.join(self.workdir, UNREADABLE)
+        """Moves unreadable checkpoints to checkpoints_unreadable/<step>-<time>/ (process 0).
+
+        On a disk: one rename each. On object storage (no rename): copied there first, and the
+        original removed only once the copy is complete, so its bytes are never lost (a kill
+        in between leaves the original, moved again by the next run)."""
+        aside = storage.join(self.workdir, UNREADABLE)
         stamp = time.strftime('%Y%m%d-%H%M%S')
-        targets = [os.path.join(aside, f"{step}-{stamp}") for step in steps]
+        targets = [storage.join(aside, f"{step}-{stamp}") for step in steps]
         if jax.process_index() == 0:
-            os.makedirs(aside, exist_ok=True)
+            storage.makedirs(aside)
             for step, target in zip(steps, targets):
-                os.rename(os.path.join(self.directory, str(step)), target)
+                source = storage.join(self.directory, str(step))
+                if storage.is_remote(source):
+                    storage.copytree(source, target)
+                    storage.rmtree(source)
+                else:
+                    os.rename(source, target)
         parallel.barrier("emo_jax_checkpoint_set_aside")
         self.manager.reload()
         return targets

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import time
 import zlib
@@ -47,7 +46,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from emo_jax import model_files, parallel
+from emo_jax import model_files, parallel, storage
 from emo_jax.config import ConfigError, validate
 from emo_jax.data.pipeline import make_eval_batches
 from emo_jax.data.tokenizers import check_vocab, make_tokenizer
@@ -137,10 +136,7 @@ def _evaluate(eval_step, params, batches, mesh) -> dict:
 
 def _write_config(workdir: str, config):
     if jax.process_index() == 0:
-        path = os.path.join(workdir, "config.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(config.to_json(indent=2))
-        os.replace(path + ".tmp", path)
+        storage.write_text(storage.join(workdir, "config.json"), config.to_json(indent=2))
 
 
 def _init_params_from(path: str, state, config):
@@ -181,10 +177,10 @@ class _Run:
         parallel.check_batch(config, mesh)
         parallel.check_experts(config, mesh)
         rows = _process_rows(config, mesh)
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = storage.absolute(workdir)
         if jax.process_index() == 0:
             try:
-                os.makedirs(self.workdir, exist_ok=True)
+                storage.makedirs(self.workdir)
             except OSError as err:
                 raise ConfigError(f"workdir '{workdir}' cannot be created: "
                                   f"{err.strerror or err}") from None
@@ -387,10 +383,12 @@ def train_and_evaluate(config, workdir: str, *, init_checkpoint: str | None = No
     mistakes: one sentence each) or TrainingError.
     """
     validate(config)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    if storage.isfile(workdir):
         raise ConfigError(f"workdir '{workdir}' is a file, not a directory; give a new or an "
                           "existing directory")
-    created = jax.process_index() == 0 and not os.path.lexists(workdir)
+    created = jax.process_index() == 0 and (
+        not storage.exists(workdir) if storage.is_remote(workdir) else
+        not os.path.lexists(workdir))
     flag = _SignalFlag(config.checkpoint.save_on_signal)
     run = None
     try:
@@ -410,8 +408,9 @@ def train_and_evaluate(config, workdir: str, *, init_checkpoint: str | None = No
 
 def _remove_new_workdir(workdir: str) -> bool:
     """Removes the workdir a run created and then failed in before its first step (it holds
-    nothing but that run's config.json, start event and empty logs); never a checkpoint."""
-    if os.path.isdir(workdir) and not ckpt_lib.has_checkpoints(workdir):
-        shutil.rmtree(workdir, ignore_errors=True)
-        return not os.path.exists(workdir)
+    nothing but that run's config.json, start event and empty logs); never a checkpoint (a
+    checkpoint directory of any state, complete or not, keeps the whole workdir)."""
+    if storage.isdir(workdir) and not ckpt_lib.has_checkpoints(workdir):
+        storage.rmtree(workdir, ignore_errors=True)
+        return not storage.exists(workdir)
     return False

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 
 import jax
 import numpy as np
+
+from emo_jax import storage
 
 # Peak dense bfloat16 matmul TFLOP/s of one device (one chip, or one GPU), by a substring of
 # jax's `device_kind`, most specific first. Sources: the vendors' spec sheets (dense, no
@@ -113,6 +114,27 @@ class Throughput:
         return out
 
 
+class _ObjectLog:
+    """metrics.jsonl on object storage, which cannot append: the whole file is kept in memory
+    (what an earlier run wrote, then this run's lines) and uploaded again at every flush, so
+    a killed run loses nothing flushed (the loop flushes every record)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.text = storage.read_text(path) if storage.exists(path) else ""
+        if self.text and not self.text.endswith("\n"):
+            self.text += "\n"
+
+    def write(self, text: str):
+        self.text += text
+
+    def flush(self):
+        storage.write_text(self.path, self.text)
+
+    def close(self):
+        self.flush()
+
+
 class MetricWriter:
     """metrics.jsonl + TensorBoard + console, on process 0 only."""
 
@@ -127,13 +149,21 @@ class MetricWriter:
         self.tb = None
         if not self.active:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        storage.makedirs(workdir)
+        path = storage.join(workdir, "metrics.jsonl")
+        if storage.is_remote(path):
+            self.jsonl = _ObjectLog(path)
+        else:
+            self.jsonl = open(path, "a", encoding="utf-8")
         try:  # deferred: optional at run time (see below), and only process 0 writes
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.tb = SummaryWriter(storage.join(workdir, "tensorboard"))
         except ImportError:  # tensorboardX is a dependency; a stripped install still trains
+            self.tb = None
+        except Exception as err:  # noqa: BLE001 (gs:// needs google-cloud-storage, credentials)
+            print(f"warning: no TensorBoard events in {workdir}: {type(err).__name__}: {err}",
+                  file=sys.stderr, flush=True)
             self.tb = None
 
     def event(self, step: int, **fields):

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emo_jax import subset_file
+from emo_jax import storage, subset_file
 from emo_jax.config import ConfigError, routed_experts
 
 ROUTER_MODES = ("rows", "all", "none")
@@ -167,11 +166,10 @@ def for_run(workdir: str, trainable, train_router: str | None, config,
             resuming: bool) -> Trainable | None:
     """The Trainable of a run: from --trainable (a subset path or Subset) and --train_router,
     checked against what the workdir records (module docstring). None: full training."""
-    record_path = os.path.join(workdir, RECORD)
+    record_path = storage.join(workdir, RECORD)
     recorded = None
-    if resuming and os.path.isfile(record_path):
-        with open(record_path, encoding="utf-8") as f:
-            recorded = json.load(f)
+    if resuming and storage.isfile(record_path):
+        recorded = json.loads(storage.read_text(record_path))
     if trainable is None and train_router is not None:
         raise ConfigError("--train_router needs --trainable=subset.json (the experts to train)")
     if trainable is None:
@@ -199,7 +197,4 @@ def record(workdir: str, trainable: Trainable | None) -> None:
     """Writes the workdir's trainable.json (process 0)."""
     if trainable is None or jax.process_index() != 0:
         return
-    path = os.path.join(workdir, RECORD)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(trainable.to_json(), f, indent=1)
-    os.replace(path + ".tmp", path)
+    storage.write_text(storage.join(workdir, RECORD), json.dumps(trainable.to_json(), indent=1))
