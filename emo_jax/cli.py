@@ -130,6 +130,20 @@ def refuse_existing_output(path: str, flag: str = "--out", *, overwrite: bool = 
     """One line (exit status 2) unless `path` may be written: it does not exist, or (`directory`)
     is an empty folder, or `overwrite` (the --overwrite flag) is set and it is of the right kind.
     """
+    from emo_jax import storage  # pylint: disable=g-import-not-at-top
+
+    if storage.is_remote(path):
+        if not storage.exists(path):
+            return
+        if directory and not storage.isdir(path):
+            fail(f"{flag}={path} is a file; give a directory (new, or one to replace with "
+                 "--overwrite)")
+        if not directory and storage.isdir(path):
+            fail(f"{flag}={path} is a directory; give a file name")
+        if not overwrite:
+            fail(f"{flag}={path} exists; pass --overwrite to replace it, or choose another "
+                 f"{'directory' if directory else 'file'}")
+        return
     if not os.path.lexists(path):
         return
     if directory and not os.path.isdir(path):
@@ -146,7 +160,13 @@ def refuse_existing_output(path: str, flag: str = "--out", *, overwrite: bool = 
 
 def write_text_atomically(path: str, text: str):
     """Writes `path` through a temporary sibling renamed into place: an interrupted or failed
-    write leaves the old file (or none), never half a file."""
+    write leaves the old file (or none), never half a file. On object storage (gs://) one
+    object upload, which appears whole or not at all."""
+    from emo_jax import storage  # pylint: disable=g-import-not-at-top
+
+    if storage.is_remote(path):
+        storage.write_text(path, text)
+        return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
@@ -164,7 +184,22 @@ def write_text_atomically(path: str, text: str):
 @contextlib.contextmanager
 def directory_written_atomically(path: str):
     """Yields a hidden temporary sibling of `path` to write into; on success it replaces `path`
-    (an old one is removed only after the new one is in place); on failure it is removed."""
+    (an old one is removed only after the new one is in place); on failure it is removed.
+
+    On object storage (no rename) the yielded folder is a local temporary one, uploaded into
+    `path` once complete (an old `path` is removed first, after the new files were written)."""
+    from emo_jax import storage  # pylint: disable=g-import-not-at-top
+
+    if storage.is_remote(path):
+        with tempfile.TemporaryDirectory(prefix="emo_jax_out_") as work:
+            yield work
+            staging = storage.absolute(path) + ".partial"
+            storage.rmtree(staging, ignore_errors=True)
+            storage.upload_tree(work, staging)
+            storage.rmtree(path, ignore_errors=True)
+            storage.copytree(staging, path)
+            storage.rmtree(staging, ignore_errors=True)
+        return
     final = os.path.abspath(path)
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
@@ -189,3 +224,4 @@ def directory_written_atomically(path: str):
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+

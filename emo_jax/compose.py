@@ -14,10 +14,10 @@ an existing one) that every tool reads. Details: emo_jax/modular/transplant.py.
 
 from __future__ import annotations
 
-import os
 
 from absl import app, flags
 
+from emo_jax import storage
 from emo_jax.cli import fail, parse_flags, quiet_logging
 from emo_jax.config import ConfigError
 from emo_jax.model_files import CheckpointError
@@ -48,10 +48,10 @@ def main(argv):
         fail("give at least one --take=SOURCE_CHECKPOINT:SUBSET_FILE")
     pairs = [parse_take(v) for v in _TAKE.value]
     try:
-        if os.path.exists(_OUT.value):
+        if storage.exists(_OUT.value):
             raise CheckpointError(f"--out={_OUT.value} exists; choose a new directory")
         for path, _ in pairs + [(_BASE.value, None)]:
-            if not os.path.exists(path):
+            if not storage.exists(path):
                 raise CheckpointError(f"checkpoint {path} does not exist")
         takes = [(path, subset_lib.load(s)) for path, s in pairs]
         names = [f"--take={path}:{s}" for path, s in pairs]
@@ -59,7 +59,7 @@ def main(argv):
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))
     print(transplant.format_report(report))
-    print(f"wrote {os.path.abspath(_OUT.value)}")
+    print(f"wrote {storage.absolute(_OUT.value)}")
 
 
 def run():

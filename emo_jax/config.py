@@ -58,7 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.moe = e = ml_collections.ConfigDict()
     e.num_experts = 32  # experts per layer, shared ones included (R = num_experts - shared)
-    e.num_shared_experts = 0  # always-on experts, added with weight 1.0
+    # always-on experts (the last of num_experts); one has weight 1.0, two or more are weighted
+    # by a softmax over their own router (blocks.moe.shared_router), as the reference's HF model
+    e.num_shared_experts = 0
     e.top_k = 4  # routed experts per token
     e.expert_hidden = 128  # SwiGLU hidden width of one expert
     e.pool = "document"  # 'document' (EMO) | 'none' (standard MoE)
@@ -157,7 +159,7 @@ def default_config() -> ml_collections.ConfigDict:
         "router": "",  # router output axis (routed experts)
         "expert": "expert",  # stacked routed experts
         "expert_mlp": "",  # an expert's hidden axis
-        "shared": "",  # stacked shared experts
+        "shared": "",  # stacked shared experts (and the shared router's output axis)
         "mlp": "",  # a shared expert's hidden axis
         "layers": "",  # the stacked-layer axis of scanned blocks
     })

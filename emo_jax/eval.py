@@ -24,12 +24,12 @@ refused (one line, exit status 2) unless --overwrite is given.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import jax
 from absl import app, flags
 
+from emo_jax import storage
 from emo_jax.cli import (fail, initialize_distributed, parse_flags, quiet_logging,
                          refuse_existing_output, write_text_atomically)
 from emo_jax.config import ConfigError
@@ -91,7 +91,7 @@ def main(argv):
                           domain=docs[doc].get("domain"))
     except (ConfigError, CheckpointError, DataError, FileNotFoundError, OSError) as err:
         fail(str(err))
-    result = {"checkpoint": os.path.abspath(_CHECKPOINT.value), "step": metadata.get("step"),
+    result = {"checkpoint": storage.absolute(_CHECKPOINT.value), "step": metadata.get("step"),
               "data": _DATA.value, "subset": _SUBSET.value,
               "eval_pool": config.moe.eval_pool, **result}
     if not _BY_DOMAIN.value:

@@ -20,10 +20,10 @@ existing DIR2 is never overwritten.
 
 from __future__ import annotations
 
-import os
 
 from absl import app, flags
 
+from emo_jax import storage
 from emo_jax.cli import fail, parse_flags, quiet_logging
 from emo_jax.config import ConfigError
 from emo_jax.model_files import CheckpointError, save_model
@@ -46,7 +46,7 @@ def main(argv):
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     quiet_logging()
     try:
-        if os.path.exists(_OUT.value):
+        if storage.exists(_OUT.value):
             raise CheckpointError(f"--out={_OUT.value} exists; choose a new directory")
         subset = subset_lib.load(_SUBSET.value)
         if _EAGER.value:
@@ -56,7 +56,7 @@ def main(argv):
             path = save_model(_OUT.value, small, small_config, metadata={
                 "step": metadata.get("step"),
                 **({"token_ids": metadata["token_ids"]} if "token_ids" in metadata else {}),
-                "extracted_from": os.path.abspath(_CHECKPOINT.value),
+                "extracted_from": storage.absolute(_CHECKPOINT.value),
                 "subset": subset.to_json(),
                 "extract": report,
             })
@@ -64,7 +64,7 @@ def main(argv):
         else:
             report = lazy.extract_lazy(_CHECKPOINT.value, subset, _OUT.value,
                                        where=f"subset file '{_SUBSET.value}'")
-            path = os.path.abspath(_OUT.value)
+            path = storage.absolute(_OUT.value)
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         fail(str(err))
     print(extract.format_report(report))

@@ -462,15 +462,19 @@ def save_model(path: str, model, config, metadata: dict | None = None, *,
 
 
 def save_params(path: str, params: dict, config, metadata: dict | None = None, *,
-                overwrite: bool = False):
+                overwrite: bool = False, finish: bool = True):
     """`save_model` of a params pure dict (jax or NumPy arrays, in any dtype: restore_model
     casts to float32) instead of a model: what tools that never build the model write.
 
     On object storage (gs://, s3://; no rename) the directory is written in place and is
-    complete once its metadata.json, written last, exists (`_save_params_remote`)."""
+    complete once its metadata.json, written last, exists (`_save_params_remote`); there
+    `finish=False` leaves it incomplete (metadata.json held back as metadata.json.pending) for a
+    writer that rewrites arrays in place and then calls `finish_model` (lazy extraction)."""
     if storage.is_remote(path):
         return _save_params_remote(storage.absolute(path), params, config, metadata,
-                                   overwrite=overwrite)
+                                   overwrite=overwrite, finish=finish)
+    if not finish:
+        raise ValueError("save_params(finish=False) is for object storage only")
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise CheckpointError(f"{path} exists; choose another path or pass overwrite=True")
@@ -497,7 +501,8 @@ def save_params(path: str, params: dict, config, metadata: dict | None = None, *
     return path
 
 
-def _write_model_files(directory: str, config, metadata: dict | None, sums: dict):
+def _write_model_files(directory: str, config, metadata: dict | None, sums: dict,
+                       finish: bool = True):
     """The files of a model directory beside params/ (process 0): tokenizer/, config.json,
     checksums.json, and metadata.json last (the completion mark, MODEL_MARKER)."""
     info = dict(metadata or {}, format=MODEL_FORMAT, format_version=MODEL_FORMAT_VERSION,
@@ -509,12 +514,21 @@ def _write_model_files(directory: str, config, metadata: dict | None, sums: dict
         config.data.tokenizer = spec
     storage.write_text(storage.join(directory, "config.json"), config.to_json(indent=2))
     write_checksums(directory, sums)
-    storage.write_text(storage.join(directory, MODEL_MARKER),
+    storage.write_text(storage.join(directory, MODEL_MARKER + ("" if finish else ".pending")),
                        json.dumps(info, indent=2, sort_keys=True))
 
 
+def finish_model(path: str):
+    """Completes a model directory written with `save_params(finish=False)` on object storage:
+    metadata.json (the completion mark) goes in last, then the WRITING mark goes."""
+    pending = storage.join(path, MODEL_MARKER + ".pending")
+    storage.write_text(storage.join(path, MODEL_MARKER), storage.read_text(pending))
+    storage.remove(pending)
+    storage.remove(storage.join(path, WRITING_MARKER))
+
+
 def _save_params_remote(path: str, params: dict, config, metadata: dict | None, *,
-                        overwrite: bool):
+                        overwrite: bool, finish: bool = True):
     """save_params on object storage, where nothing can be renamed into place.
 
     A new model is written straight into PATH: first a WRITING mark, then params/ (Orbax), the
@@ -544,8 +558,9 @@ def _save_params_remote(path: str, params: dict, config, metadata: dict | None, 
     checkpointer.save(storage.join(target, "params"), params, save_args=param_save_args(params))
     checkpointer.wait_until_finished()
     if jax.process_index() == 0:
-        _write_model_files(target, config, metadata, sums)
-        storage.remove(storage.join(target, WRITING_MARKER))
+        _write_model_files(target, config, metadata, sums, finish=finish or target != path)
+        if finish or target != path:
+            storage.remove(storage.join(target, WRITING_MARKER))
         if target != path:  # the new one is complete: now replace the old one
             storage.write_text(writing, "being replaced\n")
             storage.remove(marker)

@@ -21,6 +21,7 @@ import os
 
 from absl import app, flags
 
+from emo_jax import storage
 from emo_jax.cli import fail, parse_flags, quiet_logging, refuse_existing_output
 from emo_jax.config import ConfigError
 from emo_jax.model_files import CheckpointError
@@ -79,7 +80,7 @@ def select_file(out: str) -> str:
                                        _BATCH.value) if docs else []
     subset = select.select(model, batches, _KEEP.value, _METHOD.value, seed=_SEED.value,
                            data=data)
-    subset.model["checkpoint"] = os.path.abspath(_CHECKPOINT.value)
+    subset.model["checkpoint"] = storage.absolute(_CHECKPOINT.value)
     subset_lib.save(subset, out)
     return _summary(subset, out) + f" from {subset.data['tokens']} tokens"
 

@@ -188,8 +188,9 @@ def rmtree(path, ignore_errors: bool = False):
             raise
 
 
-def copytree(src, dst):
-    """Copies a directory tree (on object storage server-side, object by object)."""
+def copytree(src, dst, last: str | None = None):
+    """Copies a directory tree (on object storage server-side, object by object; the file named
+    `last` at the top of the tree, e.g. a completion mark, is copied after all the others)."""
     src, dst = absolute(src), absolute(dst)
     if is_remote(src) != is_remote(dst):
         raise ValueError(f"cannot copy between local and remote storage ({src} -> {dst})")
@@ -197,8 +198,75 @@ def copytree(src, dst):
         shutil.copytree(src, dst)
         return
     fs = _fresh(src)
-    for name in fs.find(src):
-        rel = posixpath.relpath(name.split("://", 1)[-1], src.split("://", 1)[-1])
-        fs.copy(name if "://" in name else f"{src.split('://')[0]}://{name}",
-                posixpath.join(dst, rel))
+    scheme, bare = src.split("://", 1)
+    names = sorted(posixpath.relpath(n.split("://", 1)[-1], bare) for n in fs.find(src))
+    if last in names:
+        names = [n for n in names if n != last] + [last]
+    for rel in names:
+        fs.copy(f"{scheme}://{bare}/{rel}", posixpath.join(dst, rel))
     fs.invalidate_cache(dst)
+
+
+def copy_file(src, dst):
+    """Copies one file, local or remote to local or remote."""
+    src, dst = absolute(src), absolute(dst)
+    if not is_remote(src) and not is_remote(dst):
+        shutil.copyfile(src, dst)
+    elif is_remote(src) and is_remote(dst):
+        _fs(src).copy(src, dst)
+    elif is_remote(dst):
+        _fs(dst).put_file(src, dst)
+    else:
+        _fs(src).get_file(src, dst)
+
+
+def local_copy(path, cache_dir: str | None = None) -> str:
+    """A local path holding the file `path` (itself when local; a remote one is downloaded
+    once into a temporary cache): for libraries that read only local files (SentencePiece,
+    Hugging Face tokenizers)."""
+    path = absolute(path)
+    if not is_remote(path):
+        return path
+    import hashlib  # pylint: disable=g-import-not-at-top
+
+    root = cache_dir or os.path.join(tempfile.gettempdir(), f"emo_jax_remote_{os.getuid()}")
+    info = _fresh(path).info(path)  # a changed object (new generation) is fetched again
+    version = info.get("generation") or info.get("ETag") or info.get("etag") or ""
+    key = f"{path}\n{version}\n{info.get('size')}"
+    local = os.path.join(root, hashlib.sha256(key.encode()).hexdigest()[:16],
+                         posixpath.basename(path))
+    if not os.path.exists(local):
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        copy_file(path, local + ".tmp")
+        os.replace(local + ".tmp", local)
+    return local
+
+
+def upload_tree(local: str, remote, last: str | None = None):
+    """Copies a local directory tree into `remote` (local or an object-store URL); the file
+    named `last` at the top of the tree (a completion mark) goes after all the others."""
+    names = []
+    for root, _, files in os.walk(local):
+        names += [os.path.relpath(os.path.join(root, n), local) for n in files]
+    names.sort()
+    if last in names:
+        names = [n for n in names if n != last] + [last]
+    for rel in names:
+        target = join(remote, *rel.split(os.sep))
+        if not is_remote(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        copy_file(os.path.join(local, rel), target)
+
+
+def glob(pattern: str) -> list[str]:
+    """The URLs matching a glob pattern on object storage."""
+    fs = _fresh(pattern.split("*")[0].rsplit("/", 1)[0])
+    scheme = pattern.split("://", 1)[0]
+    return [p if "://" in p else f"{scheme}://{p}" for p in fs.glob(pattern)]
+
+
+def find(path: str) -> list[str]:
+    """Every file under a directory on object storage (URLs)."""
+    path = absolute(path)
+    scheme = path.split("://", 1)[0]
+    return [p if "://" in p else f"{scheme}://{p}" for p in _fresh(path).find(path)]

@@ -54,6 +54,22 @@ def test_reference_recipe_sizes():
     assert 13e9 < s["total_params"] < 15e9 and 0.9e9 < s["active_params"] < 1.2e9
 
 
+def test_summary_counts_every_shared_expert_and_their_router():
+    """A second shared expert adds its SwiGLU weights and the shared router ([D, 2] per layer;
+    one shared expert has none) to the total and to the active parameters."""
+    c = validate(_load(os.path.join(REPO, "configs", "tiny.py")).get_config())
+    assert c.moe.num_shared_experts == 1
+    one = summarize(ModelConfig.from_config(c), c.data.seq_len)
+    c.moe.num_experts += 1
+    c.moe.num_shared_experts = 2
+    two = summarize(ModelConfig.from_config(validate(c)), c.data.seq_len)
+    m, f = c.model, c.moe.expert_hidden
+    added = m.num_layers * (3 * m.d_model * f + 2 * m.d_model)
+    assert two["total_params"] - one["total_params"] == added
+    assert two["active_params"] - one["active_params"] == added
+    assert two["routed_expert_params"] == one["routed_expert_params"]
+
+
 def test_standard_moe_twin_differs_only_in_the_pool():
     emo = _load(os.path.join(REPO, "configs", "emo_1b14b.py")).get_config().to_dict()
     std = _load(os.path.join(REPO, "configs", "stdmoe_1b14b.py")).get_config().to_dict()

@@ -50,7 +50,8 @@ def test_extracted_logits_equal_the_masked_full_model(moe, keep):
     assert report["bytes_before"] - report["bytes_after"] == 4 * removed * per_expert
     assert report["bytes_after"] == extract.param_stats(small)["bytes"]
     # The shared experts and their own router are kept whole.
-    for name in ("shared_down",) + (("shared_router",) if e.num_shared_experts > 1 else ()):
+    for name in ("shared_down",) * (e.num_shared_experts > 0) + ("shared_router",) * (
+            e.num_shared_experts > 1):
         np.testing.assert_array_equal(getattr(small.blocks.moe, name)[...],
                                       getattr(model.blocks.moe, name)[...])
     # The kept experts' weights are the full model's, in ascending id order.

@@ -155,3 +155,27 @@ def test_reads_and_reports_of_a_small_checkpoint(tmp_path, monkeypatch):
     assert metadata["extract"]["lazy"] and metadata["subset"]["layers"] == subset.layers
     for a, b in zip(jax.tree.leaves(nnx.state(restored)), jax.tree.leaves(nnx.state(eager))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_lazy_extraction_keeps_two_shared_experts_and_their_router(tmp_path):
+    """Two shared experts: lazy extraction copies them and their own router whole, and gives
+    bit for bit the eager extraction."""
+    from emo_jax.modular import extract
+    from emo_jax.model_files import restore_model
+
+    config = tiny_config(num_shared_experts=2)
+    model = random_model(config, 3)
+    path = save_model(str(tmp_path / "m"), model, config)
+    subset = subset_lib.make_subset([[1, 2, 5], [0, 4, 6]], config=config, model=model,
+                                    method="manual", data={})
+    lazy.extract_lazy(path, subset, str(tmp_path / "small"))
+    small, small_config, _ = restore_model(str(tmp_path / "small"))
+    eager, eager_config, _ = extract.extract(model, config, subset)
+    assert small_config.to_dict() == eager_config.to_dict()
+    got, want = (nnx.to_pure_dict(nnx.state(m)) for m in (small, eager))
+    import jax
+
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(got["blocks"]["moe"]["shared_router"],
+                                  np.asarray(model.blocks.moe.shared_router[...]))

@@ -57,6 +57,13 @@ def start_train(workdir, *extra, log_path=None) -> subprocess.Popen:
 
 
 def records(workdir) -> list[dict]:
+    """The records of a workdir's metrics.jsonl (local, or gs:// through emo_jax.storage)."""
+    if str(workdir).startswith("gs://"):
+        from emo_jax import storage
+
+        path = storage.join(str(workdir), "metrics.jsonl")
+        text = storage.read_text(path) if storage.exists(path) else ""
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []

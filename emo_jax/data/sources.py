@@ -39,6 +39,7 @@ import re
 
 from absl import logging
 
+from emo_jax import storage
 from emo_jax.config import ConfigError
 from emo_jax.data.records import (BAD_REASONS, ArrayRecordSource, ConcatSource, DataError,
                                   JsonlSource, TextFilesSource, TfdsSource, bad_record_error)
@@ -91,7 +92,30 @@ def _split_tfds(target: str) -> tuple[str, str]:
     return body[:cut], body[cut + 1:]
 
 
+def _remote_paths(target: str) -> list[str]:
+    """Local copies of the files of an object-store target (file, folder or glob): the readers
+    index files by byte offset (and ArrayRecord reads local files), so each file is downloaded
+    once into a local cache (storage.local_copy) and read from there."""
+    try:
+        if any(ch in target for ch in "*?["):
+            found = [p for p in storage.glob(target) if storage.isfile(p)]
+        elif storage.isdir(target):
+            found = [p for p in storage.find(target)
+                     if not any(part.startswith(".") for part in p[len(target):].split("/"))]
+        elif storage.isfile(target):
+            found = [target]
+        else:
+            raise DataError(f"data source '{target}' does not exist (no such file or folder)")
+    except OSError as err:
+        raise DataError(f"data source '{target}' cannot be read: {err}") from None
+    if not found:
+        raise DataError(f"data source '{target}' matches no file")
+    return [storage.local_copy(p) for p in sorted(found)]
+
+
 def _expand_paths(target: str) -> list[str]:
+    if storage.is_remote(target):
+        return _remote_paths(target)
     path = os.path.expanduser(target)
     if os.path.isdir(path):
         found = []

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 import sentencepiece as spm
 
+from emo_jax import storage
 from emo_jax.config import ConfigError
 
 # Byte tokenizer layout: 8 special ids, then the 256 byte values.
@@ -187,6 +187,12 @@ def make_tokenizer(spec: str):
     if spec == "byte":
         return ByteTokenizer()
     kind, sep, path = spec.partition(":")
+    if sep and storage.is_remote(path):  # e.g. a tokenizer bundled in a gs:// model directory
+        if kind == "hf" and not path.endswith(".json"):
+            path = storage.join(path, "tokenizer.json")
+        if not storage.isfile(path):
+            raise ConfigError(f"data.tokenizer: '{path}' does not exist")
+        path = storage.local_copy(path)  # the tokenizer libraries read local files only
     if sep and path and kind == "sentencepiece":
         if not os.path.isfile(os.path.expanduser(path)):
             raise ConfigError(f"data.tokenizer: the SentencePiece model '{path}' does not exist")
@@ -226,8 +232,10 @@ def _split(spec: str) -> tuple[str, str]:
 def resolve_spec(spec: str, base_dir: str) -> str:
     """`spec` with a relative file path made absolute against `base_dir` (a model directory)."""
     kind, path = _split(spec)
-    if not kind or os.path.isabs(os.path.expanduser(path)):
+    if not kind or os.path.isabs(os.path.expanduser(path)) or storage.is_remote(path):
         return spec
+    if storage.is_remote(base_dir):
+        return f"{kind}:{storage.join(base_dir, path)}"
     return f"{kind}:{os.path.join(os.path.abspath(base_dir), path)}"
 
 
@@ -255,11 +263,11 @@ def bundle_spec(spec: str, model_dir: str) -> str:
     files = spec_files(spec)
     if not files:
         return spec
-    target = os.path.join(model_dir, TOKENIZER_DIR)
-    os.makedirs(target, exist_ok=True)
+    target = storage.join(model_dir, TOKENIZER_DIR)
+    storage.makedirs(target)
     for path in files:
-        if os.path.abspath(os.path.join(target, os.path.basename(path))) != path:
-            shutil.copyfile(path, os.path.join(target, os.path.basename(path)))
+        if storage.absolute(storage.join(target, os.path.basename(path))) != path:
+            storage.copy_file(path, storage.join(target, os.path.basename(path)))
     return f"{kind}:{TOKENIZER_DIR}/{os.path.basename(files[0])}"
 
 

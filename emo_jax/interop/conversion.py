@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 
+from emo_jax import storage
 from emo_jax.config import ConfigError
 from emo_jax.data import tokenizers
 from emo_jax.interop import hf as hf_lib
@@ -29,7 +30,7 @@ TOKENIZER_SUBDIR = tokenizers.TOKENIZER_DIR
 SENTENCEPIECE_FILE = "tokenizer.model"  # a SentencePiece model in a Hugging Face folder
 
 def _refuse_existing(path: str):
-    if os.path.lexists(path):
+    if storage.exists(path) if storage.is_remote(path) else os.path.lexists(path):
         raise InteropError(f"{path} already exists; choose a new output directory (nothing is "
                            "overwritten)")
 
@@ -40,7 +41,18 @@ def atomic_dir(final: str):
 
     The work path is a hidden sibling of `final` (same file system, so the rename is atomic);
     on any failure it is removed, with the `.partial` that save_model may leave.
+
+    On object storage (no rename) the work path is a local temporary one, uploaded into `final`
+    on success with its metadata.json (an emo_jax model's completion mark) last.
     """
+    if storage.is_remote(final):
+        final = storage.absolute(final)
+        _refuse_existing(final)
+        with tempfile.TemporaryDirectory(prefix="emo_jax_convert_") as parent:
+            work = os.path.join(parent, "out")
+            yield work
+            storage.upload_tree(work, final, last="metadata.json")
+        return
     final = os.path.abspath(final)
     _refuse_existing(final)
     parent = os.path.dirname(final)
@@ -83,7 +95,7 @@ def read_hf_config(hf_dir: str) -> dict:
 
 def import_hf(hf_dir: str, out: str) -> str:
     """Converts a Hugging Face EMO folder into an emo_jax model directory; returns its path."""
-    hf_dir, out = os.path.abspath(hf_dir), os.path.abspath(out)
+    hf_dir, out = os.path.abspath(hf_dir), storage.absolute(out)
     _refuse_existing(out)  # before the (possibly long) conversion; atomic_dir checks again
     hf = read_hf_config(hf_dir)
     config, notes = hf_lib.config_from_hf(hf, name=os.path.join(hf_dir, "config.json"))
@@ -181,7 +193,7 @@ def export_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: str 
     remote_code: 'local' or 'ORG/REPO' writes an `auto_map` to the reference's remote code
     (`hf.remote_code_map`), so `from_pretrained(..., trust_remote_code=True)` finds it.
     """
-    out = os.path.abspath(out)
+    out = storage.absolute(out)
     _refuse_existing(out)  # before the (possibly long) restore; atomic_dir checks again
     if remote_code:
         hf_lib.remote_code_map(remote_code)  # a bad value fails before the restore

@@ -4,7 +4,8 @@ Definitions:
   total_params     every parameter (embedding and output head included).
   embedding_params the token embedding and the output head (both [V, D]; untied).
   active_params    non-embedding parameters one token touches: attention, norms, router, the
-                   top_k routed experts and the shared experts of every layer.
+                   top_k routed experts and the shared experts (with their own router when
+                   there are two or more) of every layer.
   flops_per_token  training FLOPs per token (forward + backward):
                      6 * (active_params + head_params) + 6 * num_layers * num_heads * head_dim * seq_len
                    The first term counts every matmul weight a token uses, 2 FLOPs per multiply-add,

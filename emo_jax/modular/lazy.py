@@ -43,7 +43,7 @@ import tensorstore as ts
 from absl import logging
 
 from emo_jax.config import routed_experts
-from emo_jax import checksums, model_files
+from emo_jax import checksums, model_files, storage
 from emo_jax.modular import subset as subset_lib
 from emo_jax.modular.extract import extracted_config
 
@@ -104,12 +104,11 @@ class ParamsReader:
                           else {})
         self._partial = {}  # name -> (summed rows, sums) of a whole-array unit read in rows
         self.config = model_files.config_from_dict(saved_config)
-        meta_path = os.path.join(self.params_dir, "_METADATA")
-        if not os.path.isfile(meta_path):
+        meta_path = storage.join(self.params_dir, "_METADATA")
+        if not storage.isfile(meta_path):
             raise model_files.CheckpointError(f"{self.params_dir} has no Orbax _METADATA file; "
                                            "is it an emo_jax checkpoint?")
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(storage.read_text(meta_path))
         self.use_ocdbt = bool(meta.get("use_ocdbt", True))
         self.driver = "zarr3" if meta.get("use_zarr3") else "zarr"
         self.names = sorted("/".join(k["key"] for k in entry["key_metadata"])
@@ -331,21 +330,28 @@ class _BlockSums:
 
 def write_params(path: str, plans: dict, config, metadata: dict | None = None) -> str:
     """Writes a model directory (as `save_model`) from {'/'-joined name: ArrayPlan}, streaming
-    every array block by block (module docstring). An existing `path` is refused."""
-    path = os.path.abspath(path)
-    if os.path.exists(path):
+    every array block by block (module docstring). An existing `path` is refused.
+
+    On a disk it is written as PATH.staging and renamed into place; on object storage (no
+    rename) in place, with metadata.json (the completion mark) written last."""
+    remote = storage.is_remote(path)
+    path = storage.absolute(path)
+    if storage.isfile(storage.join(path, model_files.MODEL_MARKER)) or (
+            not remote and os.path.exists(path)):
         raise model_files.CheckpointError(f"{path} exists; choose another path")
-    staging = path + ".staging"
-    if os.path.exists(staging):
+    staging = path if remote else path + ".staging"
+    if not remote and os.path.exists(staging):
         shutil.rmtree(staging)  # an earlier interrupted write: never a complete model
     placeholders = {name: np.zeros((1,) * len(plan.shape), plan.dtype)
                     for name, plan in plans.items()}
-    model_files.save_params(staging, nest(placeholders), config, metadata)
-    params_dir = os.path.join(staging, "params")
-    with open(os.path.join(params_dir, "_METADATA"), encoding="utf-8") as f:
-        if json.load(f).get("use_zarr3") or not os.path.isfile(
-                os.path.join(params_dir, "manifest.ocdbt")):
-            raise model_files.CheckpointError("streamed writes need Orbax's zarr v2 + OCDBT layout")
+    if remote:  # save_params refuses a PATH that exists and is not an interrupted save
+        model_files.save_params(staging, nest(placeholders), config, metadata, finish=False)
+    else:
+        model_files.save_params(staging, nest(placeholders), config, metadata)
+    params_dir = storage.join(staging, "params")
+    if json.loads(storage.read_text(storage.join(params_dir, "_METADATA"))).get(
+            "use_zarr3") or not storage.isfile(storage.join(params_dir, "manifest.ocdbt")):
+        raise model_files.CheckpointError("streamed writes need Orbax's zarr v2 + OCDBT layout")
     context = _context()
     arrays = {}
     for name, plan in plans.items():
@@ -363,7 +369,10 @@ def write_params(path: str, plans: dict, config, metadata: dict | None = None) -
             sums.add(index, values)
         arrays["params/" + name] = sums.entry()
     model_files.write_checksums(staging, arrays)  # replaces the placeholders' checksums
-    os.rename(staging, path)
+    if remote:
+        model_files.finish_model(path)
+    else:
+        os.rename(staging, path)
     return path
 
 
@@ -440,7 +449,7 @@ def extract_lazy(checkpoint: str, subset: subset_lib.Subset, out: str, *,
     carried = {k: reader.metadata[k] for k in ("token_ids",) if k in reader.metadata}
     write_params(out, plans, small_config, metadata=dict(
         carried, **(metadata or {}), step=reader.metadata.get("step"),
-        extracted_from=os.path.abspath(checkpoint), subset=subset.to_json(), extract=report))
+        extracted_from=storage.absolute(checkpoint), subset=subset.to_json(), extract=report))
     report["seconds"] = time.perf_counter() - start
     report["peak_rss_bytes"] = peak_rss_bytes()
     return report

@@ -26,10 +26,11 @@ ends at its first eos, which is not read); for an eval document: all its tokens 
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
+
+from emo_jax import storage
 
 
 def expand(counts_LK, kept_LK, routed: int) -> np.ndarray:
@@ -87,9 +88,8 @@ class RequestLog:
     def __init__(self, path: str, *, tool: str, checkpoint: str, shared_experts: int,
                  subset: str | None = None, metadata: dict | None = None):
         self.path = path
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        self.common = {"tool": tool, "checkpoint": os.path.abspath(checkpoint),
+        storage.makedirs(storage.dirname(path))
+        self.common = {"tool": tool, "checkpoint": storage.absolute(checkpoint),
                        "shared_experts": int(shared_experts), "subset": subset}
         ids = source_ids(metadata)
         if ids is not None:
@@ -104,12 +104,17 @@ class RequestLog:
                   "subset": self.common["subset"]}
         if "source_expert_ids" in self.common:
             record["source_expert_ids"] = self.common["source_expert_ids"]
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if storage.is_remote(self.path):  # no append on object storage: rewrite the object
+            old = storage.read_text(self.path) if storage.exists(self.path) else ""
+            storage.write_text(self.path, old + line)
+        else:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
         return record
 
 
 def read(path: str) -> list[dict]:
     """The records of a request log."""
-    with open(path, encoding="utf-8") as f:
+    with storage.open_file(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -17,11 +17,11 @@ layer of one array at a time; arrays keep the base's stored dtype.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 from absl import logging
 
+from emo_jax import storage
 from emo_jax.config import ConfigError, routed_experts
 from emo_jax.modular import lazy, subset as subset_lib
 
@@ -94,8 +94,8 @@ def compose(base: str, takes: list[tuple[str, subset_lib.Subset]], out: str, *,
         plans[name] = lazy.layer_plan(name, base_reader.shape(name), base_reader.dtype(name),
                                       _patched_layer(base_reader, readers, takes, name))
     report = {
-        "base": os.path.abspath(base),
-        "takes": [{"name": name, "checkpoint": os.path.abspath(path),
+        "base": storage.absolute(base),
+        "takes": [{"name": name, "checkpoint": storage.absolute(path),
                    "experts_per_layer": len(subset.layers[0]), "layers": subset.layers}
                   for (path, subset), name in zip(takes, names)],
         "experts_transplanted": len(owner),

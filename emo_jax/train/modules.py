@@ -7,8 +7,9 @@ What trains, per layer l with the subset's K kept routed ids idx[l]:
   * rows idx[l] of the stacked expert weights w_gate, w_up, w_down ([L, R, ...]: row = expert);
   * the router: 'rows' (default) its columns idx[l] ([L, D, R]: column = expert), 'all' the
     whole router, 'none' nothing of it.
-Everything else (attention, embeddings, norms, head, shared experts, the other experts inside
-the same stacked arrays, the other router columns) is frozen and comes out bit-identical.
+Everything else (attention, embeddings, norms, head, shared experts and their router, the other
+experts inside the same stacked arrays, the other router columns) is frozen and comes out
+bit-identical.
 
 How: the trainable values are their own small module, `ExpertRows` (w_gate [L, K, D, F], ...,
 router [L, D, K]), and the optimizer is built over it alone, so AdamW moments exist only for
