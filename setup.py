@@ -20,6 +20,9 @@ setup(
         "flax>=0.12,<0.14",
         "optax>=0.2.5,<0.4",
         "orbax-checkpoint>=0.11.20,<0.14",
+        # the one path library (emo_jax/storage.py; Orbax's own): local paths, and gs:// or
+        # s3:// through fsspec with the `gcs` extra
+        "etils[epath]>=1.7",
         "grain>=0.2.12,<0.4",
         "tensorflow-datasets>=4.9.8,<5",
         "array-record>=0.7",
@@ -34,7 +37,12 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # gs:// workdirs, models and data (emo_jax/storage.py through etils.epath + fsspec;
+        # google-cloud-storage comes with it, for TensorBoard events on gs://)
+        "gcs": ["gcsfs>=2024.2"],
+        # the cloud-storage tests start a local GCS emulator (tests/gcs_helpers.py)
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "gcsfs>=2024.2",
+                 "gcp-storage-emulator>=2026.7.18"],
         "hf": ["tokenizers>=0.15"],
         # lm-evaluation-harness for `emo-lm-eval` / `python -m emo_jax.lm_eval` (not in CI).
         "lm_eval": ["lm-eval>=0.4,<0.5"],

@@ -15,10 +15,10 @@ replaces --out only when complete, so a failed or interrupted run leaves the old
 
 from __future__ import annotations
 
-import os
 
 from absl import app, flags
 
+from emo_jax import storage
 from emo_jax.cli import (directory_written_atomically, fail, parse_flags, quiet_logging,
                          refuse_existing_output)
 from emo_jax.config import ConfigError
@@ -72,7 +72,7 @@ def main(argv):
           f"{summary['clusters']} clusters of {summary['cluster_tokens']} tokens: "
           f"{_scores(summary, '')}; {summary['doc_clusters']} clusters of "
           f"{summary['cluster_documents']} documents: {_scores(summary, 'doc_')}")
-    print(f"wrote {os.path.join(os.path.abspath(_OUT.value), 'report.md')}")
+    print(f"wrote {storage.join(storage.absolute(_OUT.value), 'report.md')}")
 
 
 def _scores(summary: dict, prefix: str) -> str:

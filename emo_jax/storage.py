@@ -23,6 +23,7 @@ point both at a local emulator (the tests do).
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import shutil
@@ -65,11 +66,27 @@ def epath_of(path):
     return epath.Path(absolute(path))
 
 
+class _QuietBucketProbe:
+    """Drops gcsfs's warning that it could not determine a bucket's type (hierarchical or
+    flat) without credentials that may read the bucket's layout, as against a local emulator:
+    it goes on with the flat-namespace client, which is what emo_jax needs."""
+
+    def filter(self, record) -> bool:
+        return "Could not determine bucket type" not in record.getMessage()
+
+
 def _fs(path):
     """The fsspec file system of a remote path (gcsfs for gs://, s3fs for s3://)."""
     from etils.epath import backend  # pylint: disable=g-import-not-at-top
 
+    global _QUIETED
+    if not _QUIETED:
+        logging.getLogger("gcsfs").addFilter(_QuietBucketProbe())
+        _QUIETED = True
     return backend.fsspec_backend.fs(path)
+
+
+_QUIETED = False
 
 
 def _fresh(path):

@@ -55,7 +55,7 @@ def _assert_same_run(reference, workdir):
         assert got[step] == ref[step], (step, got[step], ref[step])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def killed_and_resumed(gcs, reference, tmp_path_factory):
     """A gs:// workdir whose first run was SIGKILLed after checkpoint EVERY, then resumed."""
     workdir = f"{gcs}/killed"
@@ -75,9 +75,12 @@ def killed_and_resumed(gcs, reference, tmp_path_factory):
     return workdir, resumed
 
 
-def test_sigkill_and_resume_on_gcs_equals_the_local_run(killed_and_resumed, reference):
+@pytest.mark.slow
+def test_sigkill_resume_and_unreadable_checkpoint_on_gcs(killed_and_resumed, reference):
+    """SIGKILL and resume on gs:// equal the local uninterrupted run; then, on a copy, an
+    unreadable newest checkpoint is copied aside and the run falls back exactly."""
     workdir, proc = killed_and_resumed
-    assert f"into {workdir}" in proc.stdout
+    assert f"resumed from checkpoint {th.EVERY} in {workdir}/checkpoints" in proc.stdout
     resumed = [r for r in th.records(workdir) if r.get("event") == "resume"]
     assert resumed and resumed[0]["step"] >= th.EVERY
     _assert_same_run(reference, workdir)
@@ -90,12 +93,12 @@ def test_sigkill_and_resume_on_gcs_equals_the_local_run(killed_and_resumed, refe
 
     params_dir, _, meta = locate_params(workdir)
     assert params_dir == f"{workdir}/checkpoints/{th.STEPS}/params" and meta["step"] == th.STEPS
+    # (one test, not two: under xdist two tests could each repeat the module fixture's runs)
+    _unreadable_newest_checkpoint_on_gcs_is_copied_aside(workdir, reference,
+                                                         f"{storage.dirname(workdir)}/corrupt")
 
 
-def test_unreadable_newest_checkpoint_on_gcs_is_copied_aside(killed_and_resumed, reference,
-                                                             gcs):
-    source, _ = killed_and_resumed
-    workdir = f"{gcs}/corrupt"
+def _unreadable_newest_checkpoint_on_gcs_is_copied_aside(source, reference, workdir):
     storage.copytree(source, workdir)
     latest = f"{workdir}/checkpoints/{th.STEPS}"
     fs = storage._fs(latest)  # pylint: disable=protected-access
@@ -178,9 +181,10 @@ def test_lazy_extraction_from_gcs_reads_only_the_kept_experts(gcs):
     report = lazy.extract_lazy(path, subset, f"{gcs}/lazy/small")
     served = gcs.bytes_served() - before
     # 2 of 16 routed experts per layer: a fraction of the checkpoint, about what it keeps
-    assert whole >= report["checkpoint_bytes"] * 0.9, (whole, report)
-    assert served < 0.35 * whole, (served, whole, report)
-    assert served < 2 * report["bytes_read"] + 256 * 1024, (served, report)
+    # (measured: whole 3.19 MB of 3.44 MB of arrays; lazy 0.77 MB for 0.69 MB kept)
+    assert whole >= report["checkpoint_bytes"] * 0.8, (whole, report)
+    assert served < 0.3 * whole, (served, whole, report)
+    assert served < 1.25 * report["bytes_read"] + 64 * 1024, (served, report)
     small, small_config, metadata = load_model(f"{gcs}/lazy/small")
     assert small_config.moe.num_experts == 3 and metadata["extract"]["lazy"]
     full = nnx.to_pure_dict(nnx.state(model))["blocks"]["moe"]["w_gate"]

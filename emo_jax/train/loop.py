@@ -383,7 +383,8 @@ def train_and_evaluate(config, workdir: str, *, init_checkpoint: str | None = No
     mistakes: one sentence each) or TrainingError.
     """
     validate(config)
-    if storage.isfile(workdir):
+    if (storage.isfile(workdir) if storage.is_remote(workdir)
+            else os.path.exists(workdir) and not os.path.isdir(workdir)):
         raise ConfigError(f"workdir '{workdir}' is a file, not a directory; give a new or an "
                           "existing directory")
     created = jax.process_index() == 0 and (
