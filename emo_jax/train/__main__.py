@@ -66,10 +66,7 @@ def main(argv):
     except SaveError as err:
         fail(str(err), status=4)
     except StoppedBeforeStart as stop:
-        removed = (f"; removed the workdir {stop.removed_workdir} that it had created"
-                   if stop.removed_workdir else "")
-        fail(f"{signal.Signals(stop.signum).name} received before the first training step: "
-             f"stopped; nothing was saved{removed}", status=128 + stop.signum)
+        fail(stop.message(), status=128 + stop.signum)
     if result["preempted"]:
         sys.exit(128 + signal.Signals[result["preempted"]].value)
 

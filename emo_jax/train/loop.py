@@ -37,6 +37,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 import zlib
 
@@ -72,6 +73,12 @@ class StoppedBeforeStart(BaseException):
         self.signum = signum
         self.removed_workdir = None  # the workdir this run had created and then removed
 
+    def message(self) -> str:
+        removed = (f"; removed the workdir {self.removed_workdir} that it had created"
+                   if self.removed_workdir else "")
+        return (f"{signal.Signals(self.signum).name} received before the first training step: "
+                f"stopped; nothing was saved{removed}")
+
 
 class _SignalFlag:
     """SIGTERM/SIGINT as a request to checkpoint and stop at a step every process agrees on.
@@ -87,6 +94,8 @@ class _SignalFlag:
     def __init__(self, enabled: bool):
         self.signum = None
         self.started = False  # set when the loop starts stepping; before, a signal stops at once
+        self.before_start = None  # a signal that arrived before the loop started
+        self.exit_before_start = None  # set by train_and_evaluate: cleans up, says so, exits
         self.previous = {}
         self.multi = jax.process_count() > 1
         if not enabled:
@@ -100,6 +109,11 @@ class _SignalFlag:
 
     def _handle(self, signum, frame):
         if not self.started and not self.multi:  # startup: nothing to save, stop now
+            # Not by raising: Python drops an exception raised while the handler runs inside
+            # a callback (e.g. a garbage-collection hook), and startup would go on.
+            self.before_start = signum
+            if self.exit_before_start is not None:
+                self.exit_before_start(StoppedBeforeStart(signum))
             raise StoppedBeforeStart(signum)
         if self.signum is not None:
             signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM
@@ -109,6 +123,12 @@ class _SignalFlag:
         self.signum = signum
         if self.multi:
             os.kill(os.getpid(), signal.SIGTERM)  # to the preemption service
+
+    def start(self):
+        """The loop starts stepping: from here a signal checkpoints at the next step boundary."""
+        if self.before_start is not None:
+            raise StoppedBeforeStart(self.before_start)
+        self.started = True
 
     def stop_at(self, step_number: int) -> int | None:
         """The signal number if the run must checkpoint and stop after this step."""
@@ -328,7 +348,7 @@ class _Run:
 
     def run(self) -> dict:
         config, every = self.config, self.config.train.eval_every
-        self.flag.started = True  # from here a signal checkpoints at the next step boundary
+        self.flag.start()
         if jax.process_count() > 1 and self.start < self.total:
             # Compile first, then wait for every process: a host that compiles slowly would
             # otherwise keep the others waiting in the first collective (gloo gives up after
@@ -392,6 +412,15 @@ def train_and_evaluate(config, workdir: str, *, init_checkpoint: str | None = No
         not os.path.lexists(workdir))
     flag = _SignalFlag(config.checkpoint.save_on_signal)
     run = None
+
+    def exit_before_start(stop: StoppedBeforeStart):
+        if created and _remove_new_workdir(workdir):
+            stop.removed_workdir = workdir
+        print(f"error: {stop.message()}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + stop.signum)  # nothing to save, no state to keep: leave at once
+
+    flag.exit_before_start = exit_before_start
     try:
         if init_checkpoint:
             config = model_files.adopt_shape(config, init_checkpoint)
