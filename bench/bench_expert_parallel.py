@@ -66,8 +66,9 @@ def bench_config(pool="document", mesh=(1, 1, 8), factor=1.25, dtype="float32"):
 
 
 def init_state(config):
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0))))
-    state = jax.jit(lambda: nnx.state(Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0))))()
+    model_config = ModelConfig.from_config(config)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
+    state = jax.jit(lambda: nnx.state(Transformer(model_config, rngs=nnx.Rngs(0))))()
     return graphdef, state
 
 
@@ -200,7 +201,8 @@ def capacity_drops(state, batches, pool, factor):
     config = bench_config(pool=pool, factor=factor)
     mesh = parallel.make_mesh(config)
     # The capacity factor is static in the modules: a graphdef per factor.
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0))))
+    model_config = ModelConfig.from_config(config)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
     dropped = routed = 0.0
     with jax.set_mesh(mesh):
         placed = jax.device_put(state, parallel.state_shardings(state, mesh, config))

@@ -22,7 +22,8 @@ Layout: 127 routed experts is a prime number, so expert parallelism cannot split
 parameters are fully sharded over all devices ('fsdp'), 8 micro-batches of 128 rows per step,
 full rematerialisation, memory-efficient attention and the output head fused with the
 cross-entropy over 512-position chunks. `python -m emo_jax.plan --config=configs/emo_1b14b.py
---topology=v5p-128` tells whether a pod fits before launch. Adjust `mesh.*`, `train.micro_batches` and `model.remat` to the pod
+--topology=v5p-128` tells whether a pod fits before launch (docs/RESULTS.md §3.2 has v5p-16 to
+v5p-256 and v6e-256). Adjust `mesh.*`, `train.micro_batches` and `model.remat` to the pod
 (`python -m emo_jax.summary --config=configs/emo_1b14b.py` prints the sizes).
 """
 

@@ -25,7 +25,9 @@ def random_model(config, seed=0):
     from emo_jax.model.transformer import Transformer
     from emo_jax.model.model_config import ModelConfig
 
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0))))
+    model_config = ModelConfig.from_config(config)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(model_config,
+                                                                   rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(seed)
     pure = nnx.to_pure_dict(state)
 

@@ -132,7 +132,8 @@ def test_document_feature_is_the_mean_of_its_token_features(model):
 def test_analyze_writes_both_clustering_levels(model, tmp_path):
     docs = [{"text": t, "domain": d} for d, ts in TEXTS.items() for t in ts]
     out = str(tmp_path / "analysis")
-    summary = analysis.analyze(model, tiny_config(), docs, out, clusters=4, pca_dims=8, first_tokens=20,
+    summary = analysis.analyze(model, tiny_config(), docs, out, clusters=4, pca_dims=8,
+                               first_tokens=20,
                                source="texts")
     assert {"clusters.png", "doc_clusters.png", "tokens.npz", "documents.npz",
             "analysis.json", "report.md"} <= set(os.listdir(out))
@@ -154,6 +155,7 @@ def test_analyze_writes_both_clustering_levels(model, tmp_path):
     assert f"| tokens | {summary['purity']:.3f} | {summary['nmi']:.3f} |" in report
     assert "![document clusters](doc_clusters.png)" in report
     # A chosen k and cap.
-    summary = analysis.analyze(model, tiny_config(), docs, out, clusters=4, pca_dims=8, first_tokens=20,
+    summary = analysis.analyze(model, tiny_config(), docs, out, clusters=4, pca_dims=8,
+                               first_tokens=20,
                                doc_clusters=2, doc_tokens=10)
     assert summary["doc_clusters"] == 2 and summary["doc_tokens"] == 10

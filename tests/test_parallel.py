@@ -61,8 +61,9 @@ def loss_grad_fn(graphdef, config, num_shards=1):
 def initial_model():
     """(graphdef, host state) of the tiny model; one jitted init (eagerly: 4x the CPU time)."""
     config = no_drop_config((1, 1, 1))
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0))))
-    state = jax.jit(lambda: nnx.state(Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0))),
+    model_config = ModelConfig.from_config(config)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
+    state = jax.jit(lambda: nnx.state(Transformer(model_config, rngs=nnx.Rngs(0))),
                     compiler_options=FAST_COMPILE)()
     return graphdef, jax.device_get(state)
 

@@ -31,7 +31,9 @@ def _flat(tree):
 
 def test_weight_decay_skips_embeddings_and_norms():
     config = _small()
-    abstract = nnx.state(nnx.eval_shape(lambda: Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0))), nnx.Param)
+    model_config = ModelConfig.from_config(config)
+    abstract = nnx.state(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))),
+                         nnx.Param)
     params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), abstract)
     mask = _flat(optim.weight_decay_mask(params))
     no_decay = {name for name, decays in mask.items() if not decays}
