@@ -1,6 +1,6 @@
 """Workdirs, model directories and data on gs://, against a local GCS emulator the tests start
-themselves (tests/gcs_helpers.py): training killed with SIGKILL and resumed on gs:// equals the
-local uninterrupted reference run; an unreadable newest checkpoint on gs:// is copied aside and
+themselves (tests/gcs_helpers.py): training killed with SIGKILL, or stopped with SIGTERM, and
+resumed on gs:// equals the local uninterrupted reference run; an unreadable newest checkpoint on gs:// is copied aside and
 the run falls back exactly; model directories are complete only once metadata.json is written
 (no rename on object storage), an interrupted save is never taken for a model; eval, extract
 and convert take gs:// model directories; lazy extraction from gs:// fetches only a fraction
@@ -96,6 +96,30 @@ def test_sigkill_resume_and_unreadable_checkpoint_on_gcs(killed_and_resumed, ref
     # (one test, not two: under xdist two tests could each repeat the module fixture's runs)
     _unreadable_newest_checkpoint_on_gcs_is_copied_aside(workdir, reference,
                                                          f"{storage.dirname(workdir)}/corrupt")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_on_gcs_and_resumes_exactly(gcs, reference, tmp_path):
+    """SIGTERM after the first step on a gs:// workdir: the run saves a checkpoint there and
+    exits 128 + SIGTERM; rerunning the command finishes equal to the local uninterrupted run."""
+    workdir = f"{gcs}/terminated"
+    log = tmp_path / "log"
+    proc = th.start_train(workdir, log_path=log)
+    deadline = time.time() + 300
+    while not th.step_records(workdir):
+        assert proc.poll() is None, f"run ended (rc {proc.returncode}):\n{log.read_text()}"
+        assert time.time() < deadline, "timed out waiting for the first step"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=300)
+    if rc == 0:  # the signal came after the last step: nothing to resume
+        pytest.skip("SIGTERM came after the end of the run")
+    assert rc == 128 + signal.SIGTERM, log.read_text()
+    assert "SIGTERM received: saved checkpoint" in log.read_text()
+    stopped = [r for r in th.records(workdir) if r.get("event") == "preempted"][0]["step"]
+    assert storage.exists(storage.join(workdir, "checkpoints", str(stopped), "commit_success.txt"))
+    th.run_train(workdir)
+    _assert_same_run(reference, workdir)
 
 
 def _unreadable_newest_checkpoint_on_gcs_is_copied_aside(source, reference, workdir):
