@@ -159,26 +159,11 @@ def refuse_existing_output(path: str, flag: str = "--out", *, overwrite: bool = 
 
 
 def write_text_atomically(path: str, text: str):
-    """Writes `path` through a temporary sibling renamed into place: an interrupted or failed
-    write leaves the old file (or none), never half a file. On object storage (gs://) one
-    object upload, which appears whole or not at all."""
+    """Writes `path` whole or not at all (`storage.write_text`): locally through a temporary
+    sibling renamed into place, on object storage (gs://) as one object upload."""
     from emo_jax import storage  # pylint: disable=g-import-not-at-top
 
-    if storage.is_remote(path):
-        storage.write_text(path, text)
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    storage.write_text(path, text)
 
 
 @contextlib.contextmanager

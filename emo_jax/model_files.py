@@ -273,34 +273,20 @@ def load_params(path: str, target_params, config, *, step: int | None = None):
     steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
     if not steps:
         raise CheckpointError(f"no checkpoint in {directory}")
-    failures = []
-    for s in steps:
-        where = storage.join(directory, str(s))
-        try:
-            meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            check_shapes(manager.item_metadata(s)["params"], target, where, meta.get("config"),
-                         config)
-            restored = manager.restore(s, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(target)))["params"]
-            checksums.verify(restored, "params", meta.get("checksums"))
-        except CheckpointMismatchError:
-            raise
-        except Exception as err:  # noqa: BLE001
-            state, reason = describe_failure(err)
-            if step is not None:
-                raise CheckpointError(f"checkpoint {where} is {state}: {reason}") from None
-            failures.append((where, state, reason))
-            continue
-        for bad, state, reason in failures:  # one line each, now that the step used is known
-            logging.warning("checkpoint %s is %s (%s); using step %d instead", bad, state,
-                            reason, s)
-        metadata = {k: v for k, v in meta.items() if k not in ("config", "checksums")}
-        return (like_keys(restored, target_params), meta["config"],
-                dict(metadata, kind="workdir", path=where, step=s))
-    raise CheckpointError(
-        f"no readable checkpoint in {directory} (tried "
-        f"{', '.join(storage.basename(w) for w, _, _ in failures)}; newest is {failures[0][1]}: "
-        f"{failures[0][2]})")
+
+    def read(s, where):
+        meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        check_shapes(manager.item_metadata(s)["params"], target, where, meta.get("config"),
+                     config)
+        restored = manager.restore(s, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(target)))["params"]
+        checksums.verify(restored, "params", meta.get("checksums"))
+        return meta, restored
+
+    s, where, (meta, restored) = _newest_readable(directory, steps, step, read)
+    metadata = {k: v for k, v in meta.items() if k not in ("config", "checksums")}
+    return (like_keys(restored, target_params), meta["config"],
+            dict(metadata, kind="workdir", path=where, step=s))
 
 
 def _saved_config(path: str, step: int | None) -> dict:
@@ -356,6 +342,39 @@ def adopt_shape(config, path: str):
                               f"is invalid: {err}") from err
 
 
+def _newest_readable(directory: str, steps, step: int | None, read):
+    """(s, where, read(s, where)) of the first of `steps` whose read succeeds.
+
+    A failed read of a step the user named (`step`) raises CheckpointError in one line; else
+    the step is skipped, and once a step reads, each skipped one gets one warning line naming
+    it and the step used. A model of another shape (CheckpointMismatchError) always raises, and
+    so does a directory where no step reads.
+    """
+    failures = []
+    for s in steps:
+        where = storage.join(directory, str(s))
+        try:
+            value = read(s, where)
+        except CheckpointMismatchError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            state, reason = describe_failure(err)
+            if step is not None:
+                raise CheckpointError(f"checkpoint {where} is {state}: {reason}") from None
+            failures.append((where, state, reason))
+            continue
+        for bad, state, reason in failures:  # one line each, now that the step used is known
+            logging.warning("checkpoint %s is %s (%s); using step %d instead", bad, state,
+                            reason, s)
+        return s, where, value
+    if not failures:
+        raise CheckpointError(f"no readable checkpoint in {directory}")
+    raise CheckpointError(
+        f"no readable checkpoint in {directory} (tried "
+        f"{', '.join(storage.basename(w) for w, _, _ in failures)}; newest is {failures[0][1]}: "
+        f"{failures[0][2]})")
+
+
 def locate_params(path: str, step: int | None = None) -> tuple[str, dict, dict]:
     """(params item directory, saved config dict, metadata) of any checkpoint restore_model
     accepts, without reading an array: for tools that read the arrays themselves (partial reads
@@ -371,24 +390,13 @@ def locate_params(path: str, step: int | None = None) -> tuple[str, dict, dict]:
                      checksums=read_checksums(directory)))
     manager = checkpoint_manager(directory, None, False, read_only=True)
     steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
-    failures = []
-    for s in steps:
-        where = storage.join(directory, str(s))
-        try:
-            meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as err:  # noqa: BLE001
-            state, reason = describe_failure(err)
-            if step is not None:
-                raise CheckpointError(f"checkpoint {where} is {state}: {reason}") from None
-            failures.append((where, state, reason))
-            continue
-        for bad, state, reason in failures:
-            logging.warning("checkpoint %s is %s (%s); using step %d instead", bad, state,
-                            reason, s)
-        metadata = {k: v for k, v in meta.items() if k != "config"}
-        return (storage.join(where, "params"), meta["config"],
-                dict(metadata, kind="workdir", path=where, step=s))
-    raise CheckpointError(f"no readable checkpoint in {directory}")
+    def read(s, where):
+        return manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    s, where, meta = _newest_readable(directory, steps, step, read)
+    metadata = {k: v for k, v in meta.items() if k != "config"}
+    return (storage.join(where, "params"), meta["config"],
+            dict(metadata, kind="workdir", path=where, step=s))
 
 
 def restore_model(path: str, step: int | None = None, mesh=None):

@@ -219,38 +219,27 @@ def data_stats(iterator) -> dict:
     batch by the documents of one packing window, and they resume with the iterator.
     """
     totals = _empty_counts()
-
-    def visit(node):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == STATS_KEY:
-                    for name, count in value.items():
-                        totals[name] = totals.get(name, 0) + int(count)
-                else:
-                    visit(value)
-        elif isinstance(node, (list, tuple)):
-            for value in node:
-                visit(value)
-
-    visit(iterator.get_state())
+    for value in _values_under(iterator.get_state(), STATS_KEY):
+        for name, count in value.items():
+            totals[name] = totals.get(name, 0) + int(count)
     totals["bad_records"] = sum(totals[f"bad_{reason}"] for reason in BAD_REASONS)
     return totals
 
 
+def _values_under(node, key):
+    """Every value stored under `key` in a nested dict/list state (one per Grain worker)."""
+    if isinstance(node, dict):
+        for k, value in node.items():
+            if k == key:
+                yield value
+            else:
+                yield from _values_under(value, key)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            yield from _values_under(value, key)
+
+
 def latest_bad_record(iterator) -> str | None:
     """'REASON at WHERE' of a bad record skipped most recently (by some Grain worker), or None."""
-    found = []
-
-    def visit(node):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == LATEST_BAD_KEY:
-                    found.append(value)
-                else:
-                    visit(value)
-        elif isinstance(node, (list, tuple)):
-            for value in node:
-                visit(value)
-
-    visit(iterator.get_state())
+    found = list(_values_under(iterator.get_state(), LATEST_BAD_KEY))
     return next((f for f in reversed(found) if f), None)

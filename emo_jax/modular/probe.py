@@ -33,11 +33,10 @@ def easy_ep_scores(captured: dict, num_routed: int):
     """[L, R] Easy-EP scores from the forward's 'expert_contrib' intermediates."""
     contribution_LBSK = (captured["gate_weights_BSK"] * captured["expert_out_norm_BSK"]
                          * captured["moe_turn_BS"][..., None])
-    idx_LBSK = jnp.maximum(captured["expert_idx_BSK"], 0)  # weight 0 where idx is -1
-    layers = idx_LBSK.shape[0]
-    onehot_LBSKR = jax.nn.one_hot(idx_LBSK, num_routed, dtype=jnp.float32)
-    return jnp.einsum("lbskr,lbsk->lr", onehot_LBSKR,
-                      contribution_LBSK.reshape(layers, *idx_LBSK.shape[1:]))
+    layers = contribution_LBSK.shape[0]
+    idx_LA = jnp.maximum(captured["expert_idx_BSK"], 0).reshape(layers, -1)  # weight 0 at -1
+    return jax.vmap(lambda idx_A, c_A: jnp.zeros((num_routed,), jnp.float32).at[idx_A].add(c_A))(
+        idx_LA, contribution_LBSK.reshape(layers, -1))
 
 
 # Compiled probes by (model config, outputs): models of one config share a graph structure, so
