@@ -17,8 +17,7 @@ of both models (mean over domains), the tax (EMO / standard - 1), and the loss i
 chosen subsets at each fraction (default 25% and 12.5%) for both models. The issue's bar: tax
 <= 3% on the bundled corpus, with EMO's 12.5% increase at most a third of the standard MoE's.
 
-A pool schedule (growing pools, or none for the last part of training) is not a setting: it
-needs a step-dependent pool in the train step, which the model does not have yet.
+The pool schedule studied is "no pool for the last part of training" (`moe.pool_off_fraction`).
 """
 
 from __future__ import annotations
@@ -46,6 +45,9 @@ SETTINGS = {
     # Pool range: 8..R instead of 4..R (the reference's lower end).
     "pool8": ([], ["--config.moe.pool_min=8"], None),
     "pool16": ([], ["--config.moe.pool_min=16"], None),
+    # Pool schedule: the last 20% / 10% of the steps route plain top-k.
+    "pooloff0.2": ([], ["--config.moe.pool_off_fraction=0.2"], None),
+    "pooloff0.1": ([], ["--config.moe.pool_off_fraction=0.1"], None),
     # Training length.
     "steps3k": ([], [], 3000),
     # Balance weight (total over the layers; configs/small.py: 0.1).

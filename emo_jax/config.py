@@ -66,6 +66,9 @@ def default_config() -> ml_collections.ConfigDict:
     e.pool = "document"  # 'document' (EMO) | 'none' (standard MoE)
     e.pool_min = 4  # smallest document pool, drawn uniformly in [pool_min, pool_max]
     e.pool_max = 32  # largest document pool (>= routed experts means: sometimes unrestricted)
+    # The last this fraction of train.steps route without pools (plain top-k over all routed
+    # experts), a pool schedule that lets the full model settle; 0 = pools throughout.
+    e.pool_off_fraction = 0.0
     e.eval_pool = 0  # fixed pool size when not training; 0 = no pool (plain top-k)
     e.balance_weight = 0.1  # total load-balance loss weight, split evenly over layers
     e.router_z_weight = 0.001  # total router z-loss weight, split evenly over layers
@@ -270,6 +273,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f"moe.pool_min ({e.pool_min}) must be <= moe.pool_max ({e.pool_max})")
     _require(e.pool_min >= e.top_k, f"moe.pool_min ({e.pool_min}) must be >= moe.top_k "
              f"({e.top_k}): a pool smaller than top_k cannot route a token")
+    _require(isinstance(e.pool_off_fraction, (int, float)) and 0 <= e.pool_off_fraction < 1,
+             f"config key 'moe.pool_off_fraction' is {e.pool_off_fraction!r}; it must be in "
+             "[0, 1) (the last fraction of train.steps trained without pools)")
     _require(e.eval_pool == 0 or e.eval_pool >= e.top_k,
              f"moe.eval_pool ({e.eval_pool}) must be 0 (no pool) or >= moe.top_k ({e.top_k})")
     _require(config.data.batch_size % config.train.micro_batches == 0,

@@ -118,3 +118,25 @@ def test_nonfinite_step_is_skipped_and_counted(setup):
     changed = [not np.array_equal(a, b) for a, b in
                zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state["model"])))]
     assert all(changed)
+
+
+def test_pool_off_fraction_trains_the_last_steps_without_pools(setup):
+    """moe.pool_off_fraction=0.5 of 4 steps: steps 1-2 draw pools of 4, steps 3-4 route plain
+    top-k, and their loss is the standard MoE's loss of the same parameters."""
+    mesh, fresh, batch = setup
+    config = _config()
+    config.train.steps, config.moe.pool_off_fraction = 4, 0.5
+    assert step_lib.pool_steps_of(config) == 2
+    graphdef, _, shardings = step_lib.abstract_state(config, mesh)
+    state = jax.tree.map(lambda x: x.copy(), fresh)
+    train_step = step_lib.make_train_step(config, graphdef, shardings, mesh)
+    pools = []
+    for _ in range(2):
+        state, metrics = train_step(state, parallel.host_to_global(batch, mesh))
+        pools.append(float(metrics["mean_pool_size"]))
+    standard = _config()
+    standard.moe.pool = "none"
+    expected, _, _ = _loss_and_grads(standard, mesh, state, batch)
+    state, metrics = train_step(state, parallel.host_to_global(batch, mesh))
+    assert pools == [4.0, 4.0] and float(metrics["mean_pool_size"]) == 8.0
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)

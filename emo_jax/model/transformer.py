@@ -5,6 +5,8 @@ RMSNorm and an untied output head.
 generation all run it; they differ only in what they pass:
 
   pool_key        training: document-pool sizes are drawn from this PRNG key (moe.pool='document')
+  pooled          training: False (or a traced False) routes this step without pools
+                  (the last `moe.pool_off_fraction` of training)
   pool_size_LBN   explicit pool sizes (tests, analysis); without either, evaluation routing
                   (`moe.eval_pool`; 0 = plain top-k, as the reference serves the model)
   use_eval_pool   False: routing as served (plain top-k) even where moe.eval_pool is set
@@ -117,13 +119,17 @@ class Transformer(nnx.Module):
         self.head = param(rngs, (config.d_model, config.vocab_size), ("embed", "vocab"),
                           config.init_std, config.init)
 
-    def pool_sizes(self, batch: int, seq: int, pool_key):
-        """[L, B, N] int32 pool sizes, or None when no pool applies."""
+    def pool_sizes(self, batch: int, seq: int, pool_key, pooled=True):
+        """[L, B, N] int32 pool sizes, or None when no pool applies. `pooled` (a bool, or a
+        traced bool scalar) False makes every training pool all routed experts: plain top-k."""
         c = self.config
         if pool_key is not None and c.pool == "document":
             keys = jax.random.split(pool_key, c.num_layers)
-            return jax.vmap(lambda k: routing.sample_pool_sizes(
+            sizes_LBN = jax.vmap(lambda k: routing.sample_pool_sizes(
                 k, batch, seq, c.pool_min, c.pool_max))(keys)
+            if pooled is True:
+                return sizes_LBN
+            return jnp.where(pooled, sizes_LBN, c.routed_experts)
         if pool_key is None and c.eval_pool > 0:
             return jnp.full((c.num_layers, batch, seq), c.eval_pool, jnp.int32)
         return None
@@ -131,7 +137,7 @@ class Transformer(nnx.Module):
     def __call__(self, tokens_BS, segment_ids_BS=None, positions_BS=None, *, pool_key=None,
                  pool_size_LBN=None, expert_mask_LR=None, cache: KVCache | None = None,
                  cache_index=0, use_eval_pool: bool = True, capture: tuple[str, ...] = (),
-                 targets_BS=None) -> ModelOutput:
+                 targets_BS=None, pooled=True) -> ModelOutput:
         """The forward (module docstring). segment_ids_BS None: every token is real and each row
         is one document; positions_BS None: 0..S-1 (+ cache_index with a cache). With a cache,
         the S new tokens go to slots cache_index..cache_index+S-1 and routing has no pool."""
@@ -144,7 +150,7 @@ class Transformer(nnx.Module):
         if positions_BS is None:
             positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32) + cache_index, (b, s))
         if pool_size_LBN is None and cache is None and (use_eval_pool or pool_key is not None):
-            pool_size_LBN = self.pool_sizes(b, s, pool_key)
+            pool_size_LBN = self.pool_sizes(b, s, pool_key, pooled)
         per_layer = {"pool_size_BN": pool_size_LBN, "expert_mask_R": expert_mask_LR,
                      "k": None if cache is None else cache.k,
                      "v": None if cache is None else cache.v}

@@ -18,7 +18,7 @@ from emo_jax.model import losses
 def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None,
                      num_shards: int = 1, step_counts_LR=None, step_tokens_L=None,
                      loss_scale: float = 1.0, step_predicted=None, group_tokens_L=None,
-                     group_weight: float = 1.0):
+                     group_weight: float = 1.0, pooled=True):
     """Scalar loss and a dict of scalar / per-layer metrics for one (micro-)batch.
 
     Args:
@@ -26,6 +26,8 @@ def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None
       batch: dict of int32 [B, S] `tokens`, `segment_ids`, `positions`.
       config: the full config.
       pool_key: PRNG key for training-time document pools; None evaluates (no sampling).
+      pooled: False (a bool or traced bool) trains this step without document pools
+        (`moe.pool_off_fraction`).
       num_shards: devices the batch rows are split over (only the 'local' scope uses it).
       step_counts_LR, step_tokens_L: balance statistics of the whole optimiser step, when this is
         one of several micro-batches and the scope is 'global': f_e then comes from the whole step
@@ -50,7 +52,7 @@ def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None
     targets_BS, mask_BS = losses.next_token_targets(batch["tokens"], batch["segment_ids"],
                                                     opening_eos(config))
     out = model(batch["tokens"], batch["segment_ids"], batch["positions"], pool_key=pool_key,
-                expert_mask_LR=expert_mask_LR, targets_BS=targets_BS)
+                expert_mask_LR=expert_mask_LR, targets_BS=targets_BS, pooled=pooled)
     stats = out.routing
     ce_sum, out_z_sum, n_pred = losses.masked_sums(out.token_loss_BS, out.lse_BS, mask_BS)
     denom = jnp.maximum(n_pred if step_predicted is None else step_predicted, 1.0)

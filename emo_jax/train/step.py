@@ -123,7 +123,7 @@ def _load_metrics(metrics):
 
 
 def loss_and_grads(model_graphdef, params, batch, config, step_key, num_shards: int, mesh,
-                   to_model=None):
+                   to_model=None, pooled=True):
     """(loss, metrics, grads) of one optimiser step's batch, accumulated over micro-batches.
 
     Gradients are with respect to `params`: the model's state, or (module fine-tuning) what
@@ -138,7 +138,7 @@ def loss_and_grads(model_graphdef, params, batch, config, step_key, num_shards: 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     m_count = config.train.micro_batches
     if m_count == 1:
-        (loss, metrics), grads = grad_fn(params, batch, step_key)
+        (loss, metrics), grads = grad_fn(params, batch, step_key, pooled=pooled)
         return loss, metrics, grads
 
     micro = split_micro_batches(batch, m_count, mesh)
@@ -146,7 +146,7 @@ def loss_and_grads(model_graphdef, params, batch, config, step_key, num_shards: 
     step_predicted, step_tokens_L = _token_totals(batch, config.model.num_layers,
                                                   opening_eos(config))
     extra = {"step_predicted": step_predicted, "step_tokens_L": step_tokens_L,
-             "loss_scale": 1.0 / m_count}
+             "loss_scale": 1.0 / m_count, "pooled": pooled}
     rows = batch["tokens"].shape[0]
     group_rows = config.moe.balance_group_rows
     # Balance groups that span micro-batches need the pre-pass: the whole step ('global'), or
@@ -158,7 +158,8 @@ def loss_and_grads(model_graphdef, params, batch, config, step_key, num_shards: 
             mb, key = inputs
             # Fresh Variables at this trace level (nnx refuses ones from the outer trace).
             model = nnx.merge(model_graphdef, jax.tree.map(lambda x: x, to_model(params)))
-            out = model(mb["tokens"], mb["segment_ids"], mb["positions"], pool_key=key)
+            out = model(mb["tokens"], mb["segment_ids"], mb["positions"], pool_key=key,
+                        pooled=pooled)
             return None, (out.routing.counts_BR.sum(1), out.routing.tokens_B.sum(1))
 
         _, (counts_MLR, tokens_ML) = jax.lax.scan(count_one, None, (micro, keys))
@@ -209,6 +210,15 @@ def _update_if(ok, optimizer, trained, grads):
     nnx.update((optimizer, trained), jax.lax.cond(ok, apply, lambda s, _: s, state, grads))
 
 
+def pool_steps_of(config):
+    """Steps trained with document pools, or None when every step is (`moe.pool_off_fraction`:
+    the last steps route with plain top-k)."""
+    off = config.moe.pool_off_fraction
+    if not off or config.moe.pool != "document":
+        return None
+    return round(config.train.steps * (1.0 - off))
+
+
 def make_train_step(config, graphdef, shardings, mesh):
     """`train_step(state, batch) -> (state, metrics)`, jitted; the state is donated.
 
@@ -220,6 +230,7 @@ def make_train_step(config, graphdef, shardings, mesh):
     num_shards = parallel.batch_shards(mesh)
     schedule = optim.learning_rate_schedule(config)
     inject = config.train.inject_nonfinite_step
+    pool_steps = pool_steps_of(config)
 
     def train_step(state, batch):
         ts = nnx.merge(graphdef, state)
@@ -232,8 +243,9 @@ def make_train_step(config, graphdef, shardings, mesh):
             def to_model(rows):
                 return modules.merged(frozen, rows, idx_LK)
         step_key = jax.random.fold_in(ts.rng[...], ts.step[...])
+        pooled = True if pool_steps is None else ts.step[...] < pool_steps
         loss, metrics, grads = loss_and_grads(model_graphdef, params, batch, config, step_key,
-                                              num_shards, mesh, to_model)
+                                              num_shards, mesh, to_model, pooled)
         if inject:
             poison = jnp.where(ts.step[...] + 1 == inject, jnp.nan, 1.0)
             loss = loss * poison
