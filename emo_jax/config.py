@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 # other values is refused, naming them).
 SHAPE_KEYS = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
               "model.num_kv_heads", "model.head_dim", "model.qk_norm", "moe.num_experts",
-              "moe.num_shared_experts", "moe.expert_hidden")
+              "moe.num_shared_experts", "moe.expert_hidden", "moe.experts_per_layer")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -63,6 +63,13 @@ def default_config() -> ml_collections.ConfigDict:
     e.num_shared_experts = 0
     e.top_k = 4  # routed experts per token
     e.expert_hidden = 128  # SwiGLU hidden width of one expert
+    # Experts of each layer, shared ones included, comma-separated (e.g. '6,5'; the reference's
+    # num_experts_per_layer), for models whose layers keep different numbers of experts, such as
+    # a subset chosen under a total budget (`select --keep_total`). The stacked weights are
+    # padded to moe.num_experts, which must be the largest count; layer l's routed experts are
+    # ids 0..count_l - num_shared_experts - 1, the padding is zero and masked out of routing.
+    # '' = moe.num_experts in every layer.
+    e.experts_per_layer = ""
     e.pool = "document"  # 'document' (EMO) | 'none' (standard MoE)
     e.pool_min = 4  # smallest document pool, drawn uniformly in [pool_min, pool_max]
     e.pool_max = 32  # largest document pool (>= routed experts means: sometimes unrestricted)
@@ -269,6 +276,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f"moe.num_shared_experts ({e.num_shared_experts}) by at least one routed expert")
     _require(e.top_k <= routed, f"moe.top_k ({e.top_k}) must be <= the routed experts "
              f"({routed} = moe.num_experts - moe.num_shared_experts)")
+    _check_experts_per_layer(config)
     _require(e.pool_min <= e.pool_max,
              f"moe.pool_min ({e.pool_min}) must be <= moe.pool_max ({e.pool_max})")
     _require(e.pool_min >= e.top_k, f"moe.pool_min ({e.pool_min}) must be >= moe.top_k "
@@ -318,6 +326,22 @@ def _check_balance_groups(config):
              f"moe.balance_group_rows ({rows}) must divide data.batch_size ({batch}) and divide "
              f"or be a multiple of the rows of one micro-batch ({per_micro} = data.batch_size / "
              f"train.micro_batches)")
+
+
+def _check_experts_per_layer(config):
+    e, layers = config.moe, config.model.num_layers
+    text = e.experts_per_layer
+    if text == "":
+        return
+    valid = (f"'' or {layers} comma-separated counts (one per layer, shared experts included), "
+             f"each in [{e.num_shared_experts + e.top_k}, {e.num_experts}] (moe.num_shared_experts"
+             " + moe.top_k .. moe.num_experts), the largest equal to moe.num_experts")
+    parts = str(text).split(",") if isinstance(text, str) else []
+    ok = len(parts) == layers and all(p.strip().isdigit() for p in parts)
+    counts = [int(p) for p in parts] if ok else []
+    ok = ok and max(counts) == e.num_experts and all(
+        e.num_shared_experts + e.top_k <= n <= e.num_experts for n in counts)
+    _require(ok, f"config key 'moe.experts_per_layer' is {text!r}; it must be {valid}")
 
 
 def routed_experts(config: ml_collections.ConfigDict) -> int:

@@ -64,11 +64,17 @@ def main(argv):
         if _SUBSET.value:
             subset = subset_lib.load(_SUBSET.value)
         elif _FROM_PROMPT.value is not None:
+            try:
+                subset_lib.check_keep(_FROM_PROMPT.value, config)
+            except ConfigError as err:  # its message names select's flag, --keep
+                fail(str(err).replace("(--keep)", "(--subset_from_prompt)"))
             subset = select.select(model, [runtime.prompt_batch(prompt)], _FROM_PROMPT.value,
                                    _METHOD.value, data={"text": _PROMPT.value[:200]})
         if subset is not None:
             model, config, report = extract.extract(model, config, subset)
-            print(f"experts: {subset.keep} of {report['num_experts_before']} per layer "
+            kept = subset.keep_per_layer
+            kept = kept[0] if len(set(kept)) == 1 else ",".join(map(str, kept))
+            print(f"experts: {kept} of {report['num_experts_before']} per layer "
                   f"({subset.method}); {extract.format_report(report)}", file=sys.stderr)
         out, routing = generate(model, [prompt], max_new_tokens=_MAX_NEW.value,
                                 temperature=_TEMPERATURE.value, top_p=_TOP_P.value,

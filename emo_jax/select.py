@@ -2,6 +2,8 @@
 
     python -m emo_jax.select --checkpoint=DIR (--data=PATH | --text="...") --keep=K \\
         [--method=layerwise|global|easy_ep|random] [--max_docs=N] [--seed=S] --out=subset.json
+    python -m emo_jax.select --checkpoint=DIR --data=PATH --keep_total=N --method=global \\
+        --out=subset.json
     python -m emo_jax.select --compose a.json b.json [...] --out=ab.json
 
 An existing --out file is refused (one line, exit status 2) unless --overwrite is given; the file
@@ -11,7 +13,11 @@ K counts the shared experts (16 of 128 = 12.5%). The calibration text (a data sp
 text file, a folder...; or one literal --text, e.g. a few-shot prompt) is run through the model
 and every layer keeps its K - S best routed experts (emo_jax/modular/select.py explains the
 methods; 'layerwise' is the reference). --compose writes the per-layer union of subsets of one
-model. The subset file format: emo_jax/modular/subset.py. Use it with `emo_jax.eval --subset`,
+model. --keep_total=N instead of --keep chooses N experts in all layers together (shared ones
+included; methods global, easy_ep, random): each layer keeps its top_k best routed experts and
+the rest of the budget goes to the best scores of the whole model, so layers keep different
+numbers; extracting such a subset gives a model with `moe.experts_per_layer`. The subset file
+format: emo_jax/modular/subset.py. Use it with `emo_jax.eval --subset`,
 `emo_jax.extract`, `emo_jax.generate --subset`.
 """
 
@@ -33,6 +39,9 @@ _DATA = flags.DEFINE_string("data", None, "Calibration documents: a data spec (J
                             "file, folder, ...).")
 _TEXT = flags.DEFINE_string("text", None, "Calibration text given literally (instead of --data).")
 _KEEP = flags.DEFINE_integer("keep", None, "K: experts kept per layer, shared ones included.")
+_KEEP_TOTAL = flags.DEFINE_integer("keep_total", None, "N: experts kept in all layers together, "
+                                   "shared ones included (instead of --keep; the per-layer "
+                                   "counts are chosen too).")
 _METHOD = flags.DEFINE_enum("method", "layerwise", ["layerwise", "global", "easy_ep", "random"],
                             "How experts are scored.")
 _MAX_DOCS = flags.DEFINE_integer("max_docs", None, "Use at most this many documents of --data.")
@@ -46,6 +55,10 @@ _COMPOSE = flags.DEFINE_bool("compose", False, "Compose the subset files given a
 
 
 def _summary(subset, out: str) -> str:
+    if isinstance(subset.keep, list):
+        return (f"kept {sum(subset.keep)} experts in {subset.num_layers} layers (per layer "
+                f"{','.join(map(str, subset.keep))}, {subset.shared_experts} shared each), "
+                f"method {subset.method} -> {out}")
     routed = subset.keep - subset.shared_experts
     return (f"kept {subset.keep} of {subset.model['shape']['moe.num_experts']} experts per layer "
             f"({subset.shared_experts} shared + {routed} routed) in {subset.num_layers} layers, "
@@ -65,12 +78,16 @@ def compose_files(paths: list[str], out: str) -> str:
 
 
 def select_file(out: str) -> str:
-    if _KEEP.value is None:
-        fail("--keep=K is required: the experts kept per layer, shared ones included")
+    if (_KEEP.value is None) == (_KEEP_TOTAL.value is None):
+        fail("give --keep=K (experts kept per layer, shared ones included) or --keep_total=N "
+             "(experts kept in all layers), one of them")
     if _DATA.value is not None and _TEXT.value is not None:
         fail("give --data or --text, not both")
     model, config, _ = runtime.load_model(_CHECKPOINT.value)
-    subset_lib.check_keep(_KEEP.value, config)
+    if _KEEP_TOTAL.value is None:
+        subset_lib.check_keep(_KEEP.value, config)
+    else:
+        subset_lib.check_keep_total(_KEEP_TOTAL.value, config)
     if _METHOD.value == "random" and _DATA.value is None and _TEXT.value is None:
         docs, data = [], {}
     else:
@@ -79,7 +96,7 @@ def select_file(out: str) -> str:
     batches = runtime.document_batches(docs, runtime.tokenizer_of(config), config.data.seq_len,
                                        _BATCH.value) if docs else []
     subset = select.select(model, batches, _KEEP.value, _METHOD.value, seed=_SEED.value,
-                           data=data)
+                           data=data, keep_total=_KEEP_TOTAL.value)
     subset.model["checkpoint"] = storage.absolute(_CHECKPOINT.value)
     subset_lib.save(subset, out)
     return _summary(subset, out) + f" from {subset.data['tokens']} tokens"

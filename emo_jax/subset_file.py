@@ -2,7 +2,10 @@
 
 A subset names, per layer, the kept *routed* experts by their router column (0..R-1); the
 shared experts are always kept and never listed. `keep` (K) counts the shared experts, as in
-the paper (16 of 128 experts is 12.5%), so every layer lists K - S routed ids. The file also
+the paper (16 of 128 experts is 12.5%), so every layer lists K - S routed ids. A subset chosen
+under a total budget (`select --keep_total`) keeps different numbers per layer: `keep` is then
+the list of per-layer counts K_l (shared included), and layer l lists K_l - S ids; extracting
+it gives a model with `moe.experts_per_layer`. The file also
 records how the subset was chosen (method, data) and the shape of the model it belongs to, so
 that a subset of another model is refused instead of silently selecting the wrong weights.
 
@@ -10,7 +13,8 @@ File format (JSON, `format: "emo_jax.subset"`, `format_version: 1`):
 
     {
       "format": "emo_jax.subset", "format_version": 1,
-      "keep": 16,                      # K: experts per layer, shared ones included
+      "keep": 16,                      # K: experts per layer, shared ones included (or a
+                                       # list [K_0, K_1, ...]: per layer)
       "shared_experts": 1,             # S: always kept (not listed in "layers")
       "layers": [[2, 9, ...], ...],    # per layer: the K - S kept routed ids, ascending
       "method": "layerwise",           # layerwise | global | easy_ep | random | compose | ...
@@ -67,7 +71,7 @@ class Subset:
     """Kept routed experts per layer, and where they came from (see the module docstring)."""
 
     layers: list  # per layer, the kept routed expert ids (ascending)
-    keep: int  # K, shared experts included
+    keep: int | list  # K, shared experts included; a list: K_l per layer
     shared_experts: int  # S
     method: str
     data: dict
@@ -81,8 +85,22 @@ class Subset:
         return len(self.layers)
 
     @property
+    def keep_per_layer(self) -> list[int]:
+        """K_l of every layer (shared experts included)."""
+        return [len(ids) + self.shared_experts for ids in self.layers]
+
+    @property
     def routed_experts(self) -> int:
         return self.model["shape"]["moe.num_experts"] - self.shared_experts
+
+    def padded_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """(int [L, Kmax], bool [L, Kmax]): each layer's kept routed ids padded to the largest
+        layer's count by repeating its first id, and which entries are real. An extracted model
+        stores layer l's experts at rows 0..K_l - S - 1 and zeros after them."""
+        width = max(len(ids) for ids in self.layers)
+        idx_LK = np.array([ids + [ids[0]] * (width - len(ids)) for ids in self.layers], np.int64)
+        valid_LK = np.arange(width)[None, :] < np.array([len(i) for i in self.layers])[:, None]
+        return idx_LK, valid_LK
 
     def mask(self) -> np.ndarray:
         """bool [L, R]: the routed experts kept (what `expert_mask_LR` of the model takes)."""
@@ -115,6 +133,14 @@ class Subset:
                             digest, router_digest(model))
 
 
+def _shape_fields(shape: dict) -> dict:
+    """ModelConfig fields of a subset's model shape (the rest at neutral values): enough for
+    the per-layer expert counts."""
+    fields = {f.name: None for f in dataclasses.fields(ModelConfig)}
+    fields.update({key.split(".")[1]: value for key, value in shape.items()})
+    return fields
+
+
 def _fail(where: str, problem: str):
     raise SubsetError(f"{where} is not a valid subset file: {problem}")
 
@@ -130,6 +156,8 @@ def from_json(obj: dict, *, where: str = "subset") -> Subset:
         if key not in obj:
             _fail(where, f"the key '{key}' is missing")
     shape = obj["model"].get("shape") if isinstance(obj["model"], dict) else None
+    if isinstance(shape, dict):  # files written before per-layer expert counts existed
+        shape.setdefault("moe.experts_per_layer", "")
     if not isinstance(shape, dict) or any(k not in shape for k in SHAPE_KEYS):
         _fail(where, f"'model.shape' must hold {', '.join(SHAPE_KEYS)}")
     layers, keep, shared = obj["layers"], obj["keep"], obj["shared_experts"]
@@ -140,18 +168,28 @@ def from_json(obj: dict, *, where: str = "subset") -> Subset:
     if not isinstance(layers, list) or len(layers) != shape["model.num_layers"]:
         _fail(where, f"'layers' must list the kept experts of each of the "
                      f"{shape['model.num_layers']} layers")
-    if not isinstance(keep, int) or not shared < keep <= shape["moe.num_experts"]:
-        _fail(where, f"'keep' is {keep!r}; it must be in [{shared + 1}, "
-                     f"{shape['moe.num_experts']}]")
+    try:
+        layer_routed = ModelConfig(**_shape_fields(shape)).layer_routed()
+    except (TypeError, ValueError):
+        _fail(where, f"'model.shape' has an invalid moe.experts_per_layer "
+                     f"{shape.get('moe.experts_per_layer')!r}")
+    keeps = keep if isinstance(keep, list) else [keep] * len(layers)
+    if len(keeps) != len(layers) or not all(
+            isinstance(k, int) and not isinstance(k, bool) and shared < k <= r + shared
+            for k, r in zip(keeps, layer_routed)):
+        _fail(where, f"'keep' is {keep!r}; it must be a number, or a list of one per layer, in "
+                     f"[{shared + 1}, the layer's experts] (the model's: "
+                     f"{[r + shared for r in layer_routed]})")
     for layer, ids in enumerate(layers):
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool)
                                                 for i in ids):
             _fail(where, f"layer {layer}: the kept experts must be a list of integers")
-        if len(ids) != keep - shared:
-            _fail(where, f"layer {layer} lists {len(ids)} routed experts; 'keep' {keep} minus "
-                         f"{shared} shared means {keep - shared} in every layer")
-        if sorted(set(ids)) != ids or (ids and not 0 <= ids[0] <= ids[-1] < routed):
-            _fail(where, f"layer {layer}: ids must be ascending, distinct and in [0, {routed})")
+        if len(ids) != keeps[layer] - shared:
+            _fail(where, f"layer {layer} lists {len(ids)} routed experts; 'keep' "
+                         f"{keeps[layer]} minus {shared} shared means {keeps[layer] - shared}")
+        top = layer_routed[layer]
+        if sorted(set(ids)) != ids or (ids and not 0 <= ids[0] <= ids[-1] < top):
+            _fail(where, f"layer {layer}: ids must be ascending, distinct and in [0, {top})")
     scores = obj.get("scores")
     if scores is not None and (not isinstance(scores, list) or len(scores) != len(layers) or
                                any(not isinstance(s, list) or len(s) != routed for s in scores)):

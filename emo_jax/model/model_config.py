@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 
 def _section(name: str):
     return dataclasses.field(metadata={"section": name})
@@ -50,6 +52,7 @@ class ModelConfig:
     dispatch: str = _section("moe")
     capacity_factor: float = _section("moe")
     blocked_chunk_blocks: int = _section("moe")
+    experts_per_layer: str = _section("moe")
 
     # Logical parameter axis -> mesh axes ('' replicated, 'a,b' several), sorted: `mesh.rules`.
     sharding_rules: tuple[tuple[str, str], ...] = (("expert", "expert"),)
@@ -58,6 +61,28 @@ class ModelConfig:
     def routed_experts(self) -> int:
         """R: experts chosen by the router (the shared ones excluded)."""
         return self.num_experts - self.num_shared_experts
+
+    @property
+    def layer_experts(self) -> tuple[int, ...]:
+        """Experts of each layer, shared ones included: `experts_per_layer`, or num_experts in
+        every layer when it is ''."""
+        if not self.experts_per_layer:
+            return (self.num_experts,) * self.num_layers
+        return tuple(int(n) for n in self.experts_per_layer.split(","))
+
+    @property
+    def ragged(self) -> bool:
+        """Layers keep different numbers of experts (the stacks are padded to num_experts)."""
+        return len(set(self.layer_experts)) > 1
+
+    def layer_routed(self) -> tuple[int, ...]:
+        """Routed experts of each layer: r_l = layer_experts[l] - num_shared_experts."""
+        return tuple(n - self.num_shared_experts for n in self.layer_experts)
+
+    def existing_experts_LR(self):
+        """bool numpy [L, R]: routed expert e exists in layer l (e < r_l); the rest of the
+        padded stacks is zero and masked out of routing."""
+        return np.arange(self.routed_experts)[None, :] < np.array(self.layer_routed())[:, None]
 
     @classmethod
     def from_config(cls, config) -> "ModelConfig":

@@ -10,7 +10,8 @@ generation all run it; they differ only in what they pass:
   pool_size_LBN   explicit pool sizes (tests, analysis); without either, evaluation routing
                   (`moe.eval_pool`; 0 = plain top-k, as the reference serves the model)
   use_eval_pool   False: routing as served (plain top-k) even where moe.eval_pool is set
-  expert_mask_LR  bool [L, R]: only these routed experts exist (a subset applied by masking)
+  expert_mask_LR  bool [L, R]: only these routed experts exist (a subset applied by masking);
+                  a model with `moe.experts_per_layer` adds its own mask of the padding
   cache           a KVCache: incremental decoding (one document per row, no pool)
   capture         names of per-layer intermediates to return (`emo_jax.model.moe.CAPTURES`)
   targets_BS      also return each position's cross-entropy against these ids and the logits'
@@ -115,6 +116,12 @@ class Transformer(nnx.Module):
             return Block(config, rngs=rngs)
 
         self.blocks = make_blocks(rngs)
+        if config.ragged:  # the padding of the expert stacks is zero (and never routed)
+            exists_LR = jnp.asarray(config.existing_experts_LR())
+            moe = self.blocks.moe
+            moe.router[...] = moe.router[...] * exists_LR[:, None, :]
+            for w in (moe.w_gate, moe.w_up, moe.w_down):
+                w[...] = w[...] * exists_LR[:, :, None, None]
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
         self.head = param(rngs, (config.d_model, config.vocab_size), ("embed", "vocab"),
                           config.init_std, config.init)
@@ -151,6 +158,9 @@ class Transformer(nnx.Module):
             positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32) + cache_index, (b, s))
         if pool_size_LBN is None and cache is None and (use_eval_pool or pool_key is not None):
             pool_size_LBN = self.pool_sizes(b, s, pool_key, pooled)
+        if self.config.ragged:  # experts beyond a layer's count do not exist
+            exists_LR = jnp.asarray(self.config.existing_experts_LR())
+            expert_mask_LR = exists_LR if expert_mask_LR is None else expert_mask_LR & exists_LR
         per_layer = {"pool_size_BN": pool_size_LBN, "expert_mask_R": expert_mask_LR,
                      "k": None if cache is None else cache.k,
                      "v": None if cache is None else cache.v}

@@ -42,10 +42,9 @@ import numpy as np
 import tensorstore as ts
 from absl import logging
 
-from emo_jax.config import routed_experts
 from emo_jax import checksums, model_files, storage
 from emo_jax.modular import subset as subset_lib
-from emo_jax.modular.extract import extracted_config
+from emo_jax.modular.extract import extract_report, extracted_config
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")  # [L, R, ...]: routed expert axis 1
 ROUTER = "router"  # [L, D, R]: routed expert axis 2
@@ -390,22 +389,27 @@ def _experts_per_chunk(reader: ParamsReader) -> int:
 
 
 def extract_plans(reader: ParamsReader, subset: subset_lib.Subset) -> dict:
-    """{name: ArrayPlan} of the small model: the kept experts' rows and router columns, every
-    other array copied; each read when its block is written."""
-    idx_LK = np.asarray(subset.layers, np.int64)
+    """{name: ArrayPlan} of the small model: the kept experts' rows and router columns (a layer
+    keeping fewer than the largest padded with zeros, as `extract.extract`), every other array
+    copied; each read when its block is written."""
+    idx_LK, valid_LK = subset.padded_ids()
     plans = {}
     for name in reader.names:
         leaf = name.split("/")
         shape, dtype = reader.shape(name), reader.dtype(name)
         if leaf[:2] == ["blocks", "moe"] and leaf[-1] in EXPERT_WEIGHTS:
-            plans[name] = layer_plan(
-                name, (shape[0], idx_LK.shape[1]) + shape[2:], dtype,
-                lambda l, a, b, name=name: reader.read(name, (l, idx_LK[l, a:b].tolist())))
+            def rows(l, a, b, name=name):
+                values = reader.read(name, (l, idx_LK[l, a:b].tolist()))
+                keep = valid_LK[l, a:b].reshape((-1,) + (1,) * (values.ndim - 1))
+                return np.where(keep, values, np.zeros((), values.dtype))
+
+            plans[name] = layer_plan(name, (shape[0], idx_LK.shape[1]) + shape[2:], dtype, rows)
         elif leaf[:2] == ["blocks", "moe"] and leaf[-1] == ROUTER:
-            plans[name] = layer_plan(
-                name, shape[:2] + (idx_LK.shape[1],), dtype,
-                lambda l, a, b, name=name: reader.read(name, (l, slice(a, b),
-                                                              idx_LK[l].tolist())))
+            def columns(l, a, b, name=name):
+                values = reader.read(name, (l, slice(a, b), idx_LK[l].tolist()))
+                return np.where(valid_LK[l][None, :], values, np.zeros((), values.dtype))
+
+            plans[name] = layer_plan(name, shape[:2] + (idx_LK.shape[1],), dtype, columns)
         else:
             plans[name] = copy_plan(reader, name)
     return plans
@@ -424,28 +428,25 @@ def extract_lazy(checkpoint: str, subset: subset_lib.Subset, out: str, *,
     reader = ParamsReader(checkpoint, step)
     config = reader.config
     subset.check_model(config, where=where)
-    small_config = extracted_config(config, subset.keep)
+    small_config = extracted_config(config, subset.keep_per_layer)
     digest = _router_digest(reader.read("blocks/moe/router"))
     if subset.model.get("router_digest") and subset.model["router_digest"] != digest:
         logging.warning("%s was chosen on a model with other router weights (digest %s, this "
                         "checkpoint %s): same shape, but maybe another checkpoint", where,
                         subset.model["router_digest"], digest)
     plans = extract_plans(reader, subset)
-    routed = routed_experts(config)
     bytes_after = sum(p.nbytes for p in plans.values())
-    report = {
-        "params_before": sum(int(np.prod(reader.shape(n))) for n in reader.names),
-        "params_after": sum(int(np.prod(p.shape)) for p in plans.values()),
-        "bytes_before": reader.total_bytes(), "bytes_after": bytes_after,
-        "num_experts_before": config.moe.num_experts, "num_experts_after": subset.keep,
-        "routed_experts_removed_per_layer": routed - len(subset.layers[0]),
-        "top_k_before": config.moe.top_k, "top_k_after": small_config.moe.top_k,
+    before = {"params": sum(int(np.prod(reader.shape(n))) for n in reader.names),
+              "bytes": reader.total_bytes()}
+    after = {"params": sum(int(np.prod(p.shape)) for p in plans.values()), "bytes": bytes_after}
+    report = extract_report(config, small_config, subset, before, after)
+    report.update({
         "lazy": True, "checkpoint_bytes": reader.total_bytes(),
         # the whole router is read once for the digest; the rest is what is kept
         "bytes_read": bytes_after + reader.nbytes("blocks/moe/router"),
         "experts_per_chunk": _experts_per_chunk(reader),
         "dtypes": sorted({str(p.dtype) for p in plans.values()}),
-    }
+    })
     carried = {k: reader.metadata[k] for k in ("token_ids",) if k in reader.metadata}
     write_params(out, plans, small_config, metadata=dict(
         carried, **(metadata or {}), step=reader.metadata.get("step"),

@@ -34,10 +34,12 @@ from emo_jax import storage
 
 
 def expand(counts_LK, kept_LK, routed: int) -> np.ndarray:
-    """Counts of an extracted model's K experts per layer, put at their original ids [L, R]."""
+    """Counts of an extracted model's experts per layer (K, or K_l padded to the largest), put
+    at their original ids [L, R]."""
     counts_LK = np.asarray(counts_LK, np.int64)
     out_LR = np.zeros((counts_LK.shape[0], routed), np.int64)
-    np.put_along_axis(out_LR, np.asarray(kept_LK, np.int64), counts_LK, axis=1)
+    for layer, ids in enumerate(kept_LK):
+        out_LR[layer, np.asarray(ids, np.int64)] = counts_LK[layer, :len(ids)]
     return out_LR
 
 

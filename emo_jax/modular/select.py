@@ -13,6 +13,15 @@ id), plus the S shared experts, which are always kept:
   random     uniform random scores from `seed`: the control that separates the benefit of a
              chosen subset from robustness to a restricted router. Needs no text.
 
+Under a total budget (`keep_total` = N experts over all layers, shared ones included, instead
+of K per layer; one-pass methods) the layers keep different numbers: every layer keeps its
+top_k best routed experts (so top_k still routes), and the rest of the budget goes to the best
+remaining (layer, expert) scores of the whole model (ties: lower layer, then lower id). Router
+mass and Easy-EP scores are per-token shares in every layer, so they compare across layers.
+
+In a model whose layers already keep different numbers of experts (`moe.experts_per_layer`),
+only the experts a layer has are ever chosen.
+
 Inference routing throughout (plain top-k, no document pool), whatever the config's eval_pool.
 """
 
@@ -31,6 +40,30 @@ def top_experts(scores_R, count: int) -> list[int]:
     scores_R = np.asarray(scores_R, np.float64)
     order = np.lexsort((np.arange(scores_R.shape[0]), -scores_R))
     return sorted(int(e) for e in order[:count])
+
+
+def _existing(scores_LR, config) -> np.ndarray:
+    """Scores with the padding of a model with per-layer expert counts at -inf."""
+    return np.where(config.existing_experts_LR(), np.asarray(scores_LR, np.float64), -np.inf)
+
+
+def under_budget(scores_LR, keep_total: int, config) -> list[list[int]]:
+    """Kept routed ids per layer for `keep_total` experts in all (module docstring)."""
+    keep_total = subset_lib.check_keep_total(keep_total, config)
+    scores_LR = _existing(scores_LR, config)
+    layers, routed = scores_LR.shape
+    kept = [set(top_experts(scores_LR[layer], config.top_k)) for layer in range(layers)]
+    rest = keep_total - layers * (config.num_shared_experts + config.top_k)
+    layer_ER, expert_ER = np.meshgrid(np.arange(layers), np.arange(routed), indexing="ij")
+    order = np.lexsort((expert_ER.ravel(), layer_ER.ravel(), -scores_LR.ravel()))
+    for flat in order:
+        if rest == 0:
+            break
+        layer, expert = divmod(int(flat), routed)
+        if expert not in kept[layer] and np.isfinite(scores_LR[layer, expert]):
+            kept[layer].add(expert)
+            rest -= 1
+    return [sorted(ids) for ids in kept]
 
 
 def _require_tokens(tokens_L):
@@ -63,12 +96,12 @@ def easy_ep(probe: Probe, batches) -> np.ndarray:
 def layerwise(probe: Probe, batches, count: int):
     """(kept ids per layer, [L, R] scores): greedy, layer l scored with layers < l pruned."""
     layers, routed = probe.config.num_layers, probe.config.routed_experts
-    mask_LR = np.ones((layers, routed), bool)
+    mask_LR = probe.config.existing_experts_LR().copy()
     scores_LR = np.zeros((layers, routed))
     kept = []
     for layer in range(layers):
         scores_LR[layer] = router_mass(probe, batches, mask_LR)[layer]
-        kept.append(top_experts(scores_LR[layer], count))
+        kept.append(top_experts(_existing(scores_LR, probe.config)[layer], count))
         mask_LR[layer] = False
         mask_LR[layer, kept[-1]] = True
     return kept, scores_LR
@@ -87,26 +120,37 @@ def scores_for(method: str, model, batches, *, seed: int = 0):
                                  f"{', '.join(METHODS)}")
 
 
-def select(model, batches, keep: int, method: str = "layerwise", *, seed: int = 0,
-           data: dict | None = None) -> subset_lib.Subset:
-    """The subset of `keep` experts per layer (shared ones included) that `method` chooses.
+def select(model, batches, keep: int | None, method: str = "layerwise", *, seed: int = 0,
+           data: dict | None = None, keep_total: int | None = None) -> subset_lib.Subset:
+    """The subset of `keep` experts per layer (shared ones included) that `method` chooses, or
+    of `keep_total` experts in all, per-layer counts chosen too (module docstring).
 
     batches: calibration batches (emo_jax.modular.runtime); may be empty for 'random'.
     data: description of the calibration data, recorded in the subset.
     """
     config = model.config
-    keep = subset_lib.check_keep(keep, config)
+    if (keep is None) == (keep_total is None):
+        raise subset_lib.SubsetError("give the experts kept per layer (--keep) or in all "
+                                     "(--keep_total), one of them")
     if method not in METHODS:
         raise subset_lib.SubsetError(f"unknown selection method {method!r}; valid: "
                                      f"{', '.join(METHODS)}")
-    count = keep - config.num_shared_experts
+    if keep_total is not None and method == "layerwise":
+        raise subset_lib.SubsetError("--keep_total needs a one-pass method (global, easy_ep, "
+                                     "random); layerwise chooses a fixed count layer by layer")
+    if keep is not None:
+        count = subset_lib.check_keep(keep, config) - config.num_shared_experts
     data = dict(data or {})
     data["tokens"] = int(sum(np.count_nonzero(b["segment_ids"]) for b in batches))
     if method == "layerwise":
         kept, scores_LR = layerwise(Probe(model), batches, count)
     else:
         scores_LR = scores_for(method, model, batches, seed=seed)
-        kept = [top_experts(s, count) for s in scores_LR]
+        if keep_total is not None:
+            kept = under_budget(scores_LR, keep_total, config)
+            data["keep_total"] = int(keep_total)
+        else:
+            kept = [top_experts(s, count) for s in _existing(scores_LR, config)]
     if method == "random":
         data["seed"] = seed
     return subset_lib.make_subset(kept, config=config, model=model, method=method, data=data,

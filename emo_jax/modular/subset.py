@@ -3,11 +3,12 @@
 The subset file itself (format, `Subset`, load / validate / save, refusal of another model's
 subset) is emo_jax/subset_file.py; its names are imported here, so the modular tools reach
 everything about subsets through this module. Here: `check_keep` (a valid K for a model),
-`make_subset` (a Subset of a model from kept ids per layer) and `compose`.
+`check_keep_total` (a valid total budget N), `make_subset` (a Subset of a model from kept ids per
+layer) and `compose`.
 
-`compose` is the per-layer union of subsets of one model. Stacked layers need the same number
-of experts in every layer (one `moe.num_experts`), so a layer whose union is smaller than the
-largest is filled up to it with its best-scoring remaining experts (mean of the inputs'
+`compose` is the per-layer union of subsets of one model. It keeps the composed model uniform
+(one `moe.num_experts` for every layer, as the inputs of per-layer `--keep` selections are): a
+layer whose union is smaller than the largest is filled up to it with its best-scoring remaining experts (mean of the inputs'
 normalised scores; lowest ids when no scores are stored); the ids added are listed under
 "filled". Nothing here touches a model: it reads and writes JSON and validates it.
 """
@@ -37,12 +38,32 @@ def check_keep(keep: int, config) -> int:
     return int(keep)
 
 
+def check_keep_total(keep_total: int, config) -> int:
+    """N experts in all (shared included) leaves every layer its shared experts and top_k
+    routed ones, and cannot exceed the experts the model has."""
+    model_config = ModelConfig.of(config)
+    shared, layers = model_config.num_shared_experts, model_config.num_layers
+    least = layers * (shared + model_config.top_k)
+    most = sum(model_config.layer_experts)
+    if not isinstance(keep_total, (int, np.integer)) or isinstance(keep_total, bool) or \
+            not least <= keep_total <= most:
+        raise SubsetError(
+            f"N={keep_total} (--keep_total) is not valid for this model: it counts the experts "
+            f"kept in all {layers} layers, shared ones included, and every layer keeps its "
+            f"{shared} shared and at least top_k={model_config.top_k} routed experts, so "
+            f"{least} <= N <= {most}")
+    return int(keep_total)
+
+
 def make_subset(kept_LK, *, config, model, method: str, data: dict, scores_LR=None) -> Subset:
-    """A Subset of `model` from kept routed ids per layer (validated like a loaded file)."""
+    """A Subset of `model` from kept routed ids per layer (validated like a loaded file); the
+    layers may keep different numbers (`keep` is then a list)."""
     layers = [sorted(int(i) for i in ids) for ids in kept_LK]
     shared = ModelConfig.of(config).num_shared_experts
+    keeps = [shared + len(ids) for ids in layers]
     subset = Subset(
-        layers=layers, keep=shared + len(layers[0]), shared_experts=shared, method=method,
+        layers=layers, keep=keeps[0] if len(set(keeps)) == 1 else keeps, shared_experts=shared,
+        method=method,
         data=data,
         model={"shape": model_shape(config), "router_digest": router_digest(model)},
         scores=None if scores_LR is None else np.asarray(scores_LR, np.float64).tolist())

@@ -15,6 +15,19 @@ from emo_jax.data.packing import opening_eos
 from emo_jax.model import losses
 
 
+def load_metrics(counts_LR, model_config) -> dict:
+    """Per-layer `max_load_ratio_L` (largest expert load over the mean) and `unused_experts_L`
+    of the routed assignment counts, over the experts each layer has."""
+    if model_config.ragged:
+        exists_LR = jnp.asarray(model_config.existing_experts_LR())
+        mean_L = counts_LR.sum(-1) / jnp.asarray(model_config.layer_routed(), jnp.float32)
+        unused_LR = (counts_LR == 0) & exists_LR
+    else:
+        mean_L, unused_LR = counts_LR.mean(-1), counts_LR == 0
+    return {"max_load_ratio_L": counts_LR.max(-1) / jnp.maximum(mean_L, 1e-9),
+            "unused_experts_L": jnp.sum(unused_LR, -1).astype(jnp.float32)}
+
+
 def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None,
                      num_shards: int = 1, step_counts_LR=None, step_tokens_L=None,
                      loss_scale: float = 1.0, step_predicted=None, group_tokens_L=None,
@@ -81,6 +94,9 @@ def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None
         balance_L = losses.balance_loss_per_layer(
             stats.counts_BR, stats.prob_sums_BR, stats.tokens_B, moe.top_k,
             moe.balance_scope, num_shards)
+    if model.config.ragged:  # r_l * sum_e f_e P_e over the experts layer l has
+        balance_L = balance_L * (jnp.asarray(model.config.layer_routed(), jnp.float32)
+                                 / model.config.routed_experts)
     z_tokens_LB = stats.tokens_B if step_predicted is None else step_tokens_L[:, None]
     router_z_L = losses.router_z_loss_per_layer(stats.z_sums_B, z_tokens_LB)
 
@@ -92,7 +108,6 @@ def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None
     loss = token_scale * (ce + t.output_z_weight * output_z + router_z) + balance
 
     counts_LR = stats.counts_BR.sum(1)
-    mean_load_L = jnp.maximum(counts_LR.mean(-1), 1e-9)
     metrics = {
         "loss": loss,
         "cross_entropy": ce,
@@ -100,8 +115,7 @@ def loss_and_metrics(model, batch, config, pool_key=None, *, expert_mask_LR=None
         "balance_loss": jnp.mean(balance_L),
         "router_z_loss": jnp.mean(router_z_L),
         "output_z_loss": output_z,
-        "max_load_ratio_L": counts_LR.max(-1) / mean_load_L,
-        "unused_experts_L": jnp.sum(counts_LR == 0, -1).astype(jnp.float32),
+        **load_metrics(counts_LR, model.config),
         "mean_pool_size": stats.pool_sums_B.sum() / jnp.maximum(stats.segments_B.sum(), 1.0),
         "dropped_tokens": stats.dropped.sum(),
         "expert_rows": stats.rows_processed.sum(),

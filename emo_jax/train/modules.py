@@ -69,6 +69,11 @@ def make_trainable(subset, config, train_router: str = "rows") -> Trainable:
     if train_router not in ROUTER_MODES:
         raise ConfigError(f"--train_router={train_router!r}; valid: {', '.join(ROUTER_MODES)}")
     subset.check_model(config, where="the --trainable subset")
+    if len(set(subset.keep_per_layer)) > 1:
+        raise ConfigError("the --trainable subset keeps different numbers of experts per layer "
+                          f"({','.join(map(str, subset.keep_per_layer))}); extract it "
+                          "(emo_jax.extract) and fine-tune the extracted model with "
+                          "--init_checkpoint, or train a subset of equal layers")
     return Trainable(layers=tuple(tuple(ids) for ids in subset.layers),
                      train_router=train_router, subset=subset.to_json())
 

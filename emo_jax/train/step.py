@@ -45,7 +45,7 @@ from emo_jax.model.model_config import ModelConfig
 from emo_jax.model.transformer import Transformer
 from emo_jax.train import modules
 from emo_jax.train import optimizer as optim
-from emo_jax.train.loss import loss_and_metrics
+from emo_jax.train.loss import load_metrics, loss_and_metrics
 
 _POOL_STREAM = 1_000_003  # folded into the seed so pool keys never equal init keys
 
@@ -112,14 +112,6 @@ def _token_totals(batch, num_layers, eos):
     predicted = jnp.sum(mask_BS.astype(jnp.float32))
     real = jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32))
     return predicted, jnp.full((num_layers,), real)
-
-
-def _load_metrics(metrics):
-    counts_LR = metrics["counts_LR"]
-    mean_load_L = jnp.maximum(counts_LR.mean(-1), 1e-9)
-    metrics["max_load_ratio_L"] = counts_LR.max(-1) / mean_load_L
-    metrics["unused_experts_L"] = jnp.sum(counts_LR == 0, -1).astype(jnp.float32)
-    return metrics
 
 
 def loss_and_grads(model_graphdef, params, batch, config, step_key, num_shards: int, mesh,
@@ -189,7 +181,8 @@ def loss_and_grads(model_graphdef, params, batch, config, step_key, num_shards: 
     for name, value in metrics_M.items():
         summed = name in _SUMMED or (name == "balance_loss" and spanning)
         metrics[name] = value.sum(0) if summed else value.mean(0)
-    return losses_M.sum(), _load_metrics(metrics), grads
+    metrics.update(load_metrics(metrics["counts_LR"], ModelConfig.from_config(config)))
+    return losses_M.sum(), metrics, grads
 
 
 def _update_if(ok, optimizer, trained, grads):
