@@ -11,8 +11,12 @@ metadata.json records the source (`source`: path, config.json hash, weight files
 Face config), the special token ids it was served with (`token_ids`) and what the conversion
 noticed (`notes`). A `tokenizer.json` (with `tokenizer_config.json`, `special_tokens_map.json`)
 or a SentencePiece `tokenizer.model` beside the weights is copied into MODEL_DIR/tokenizer/ and
-becomes `data.tokenizer` (relative to MODEL_DIR). Routing options of the reference that emo_jax
-does not implement (`always_active_experts`, per-layer shared counts, ...) are refused.
+becomes `data.tokenizer` (relative to MODEL_DIR). A model whose layers have different numbers
+of experts (the reference's `num_experts_per_layer`) becomes one with `moe.experts_per_layer`
+(stacks zero-padded to the largest layer, the padding masked out of routing); export writes it
+back the same way, each layer's experts and gate rows without the padding. Routing options of
+the reference that emo_jax does not implement (`always_active_experts`, per-layer shared
+counts, ...) are refused.
 
 Export writes config.json with every key the reference's `EmoConfig` reads (the special token
 ids: --*_token_id, else the imported model's, else the tokenizer's, each within the vocabulary;

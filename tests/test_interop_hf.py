@@ -322,8 +322,15 @@ def write_hf_model(path, cfg, tensors, files=1):
 
 
 def hand_made_hf(num_experts=6, shared=1, top_k=2, layers=2, d=24, heads=4, kv=2, dh=8,
-                 f=12, vocab=50, seed=0, **extra):
-    """A config.json dict and random tensors in the HF layout, made without emo_jax."""
+                 f=12, vocab=50, seed=0, per_layer=None, **extra):
+    """A config.json dict and random tensors in the HF layout, made without emo_jax.
+
+    per_layer: the reference's num_experts_per_layer (layer i gets per_layer[i] experts, its
+    shared ones last); num_experts is then the largest."""
+    if per_layer is not None:
+        num_experts, layers = max(per_layer), len(per_layer)
+        extra = {"num_experts_per_layer": list(per_layer), **extra}
+    counts = list(per_layer) if per_layer is not None else [num_experts] * layers
     cfg = {"architectures": ["EmoForCausalLM"], "model_type": "emo", "vocab_size": vocab,
            "hidden_size": d, "intermediate_size": f, "num_hidden_layers": layers,
            "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": dh,
@@ -336,7 +343,7 @@ def hand_made_hf(num_experts=6, shared=1, top_k=2, layers=2, d=24, heads=4, kv=2
     norm = lambda: (1.0 + 0.2 * rng.standard_normal(d)).astype(np.float32)  # noqa: E731
     t = {"model.embed_tokens.weight": r(vocab, d), "model.norm.weight": norm(),
          "lm_head.weight": r(vocab, d)}
-    for i in range(layers):
+    for i, count in enumerate(counts):
         p = f"model.layers.{i}."
         t.update({p + "pre_attention_layernorm.weight": norm(),
                   p + "pre_feedforward_layernorm.weight": norm(),
@@ -344,8 +351,8 @@ def hand_made_hf(num_experts=6, shared=1, top_k=2, layers=2, d=24, heads=4, kv=2
                   p + "self_attn.k_proj.weight": r(kv * dh, d),
                   p + "self_attn.v_proj.weight": r(kv * dh, d),
                   p + "self_attn.o_proj.weight": r(d, heads * dh),
-                  p + "mlp.gate.weight": r(num_experts, d)})  # shared rows nonzero
-        for e in range(num_experts):
+                  p + "mlp.gate.weight": r(count, d)})  # shared rows nonzero
+        for e in range(count):
             t.update({p + f"mlp.experts.{e}.gate_proj.weight": r(f, d),
                       p + f"mlp.experts.{e}.up_proj.weight": r(f, d),
                       p + f"mlp.experts.{e}.down_proj.weight": r(d, f)})
@@ -490,8 +497,6 @@ def test_missing_shard_is_named(tmp_path):
 @pytest.mark.parametrize("change,match", [
     ({"tie_word_embeddings": True}, "tie_word_embeddings is true"),
     ({"norm_topk_prob": True}, "norm_topk_prob is true"),
-    ({"num_experts_per_layer": [6, 4]},
-     r"num_experts_per_layer differs across layers \(\[6, 4\]\)"),
     ({"model_type": "olmoe"}, "model_type is 'olmoe'"),
     ({"qk_norm": True}, "qk_norm is true"),
     ({"hidden_act": "gelu"}, "hidden_act is 'gelu'"),
@@ -567,7 +572,8 @@ def test_cli_reports_one_clear_line(tmp_path):
 # Every argument of the reference's `EmoConfig.__init__` (allenai/EMO,
 # src/hf_trust_remote_code/emo/configuration_emo.py) that changes the model it builds; an
 # export writes each explicitly so that none of the loader's defaults (pad_token_id 100277,
-# eos_token_id 100257, ...) applies. num_experts_per_layer: subsets only.
+# eos_token_id 100257, ...) applies. num_experts_per_layer: subsets and models with per-layer
+# expert counts only.
 LOADER_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range",
@@ -817,6 +823,193 @@ def test_init_checkpoint_adopts_the_model_directory_tokenizer(tmp_path):
     other = tiny_config()
     other.data.tokenizer = f"sentencepiece:{sp}"  # chosen explicitly: kept
     assert adopt_shape(other, model_dir).data.tokenizer == f"sentencepiece:{sp}"
+
+
+# ------------------------------ models with per-layer expert counts (issue 15, item 3)
+
+
+def ragged_config(counts, shared=1, top_k=2):
+    """tiny_config whose layers keep `counts` experts (shared included): moe.experts_per_layer."""
+    config = tiny_config(num_experts=max(counts), shared=shared, top_k=top_k,
+                         num_layers=len(counts))
+    config.moe.experts_per_layer = ",".join(map(str, counts))
+    return validate(config)
+
+
+def ragged_params(config, seed=0):
+    """random_params with the padding of the routed stacks zero, as such a model keeps it."""
+    from emo_jax.model.model_config import ModelConfig
+
+    params = random_params(config, seed)
+    missing_LR = ~ModelConfig.from_config(config).existing_experts_LR()
+    for kind in ("gate", "up", "down"):
+        params[f"blocks.moe.w_{kind}"][missing_LR] = 0.0
+    params["blocks.moe.router"].transpose(0, 2, 1)[missing_LR] = 0.0  # a view: writes through
+    return params
+
+
+def expert_ids(tensors, layer):
+    prefix = f"model.layers.{layer}.mlp.experts."
+    return {int(name[len(prefix):].split(".")[0]) for name in tensors if name.startswith(prefix)}
+
+
+@pytest.mark.parametrize("shared", [0, 1, 2])
+def test_per_layer_counts_map_without_padding_and_back_bit_exact(shared):
+    routed = [5, 3, 6]
+    counts = [r + shared for r in routed]
+    config = ragged_config(counts, shared=shared)
+    params = ragged_params(config, seed=shared)
+    hf_config = json.loads(json.dumps(hf.config_to_hf(config)))  # through JSON, like the file
+    assert hf_config["num_experts"] == 6 + shared and hf_config["num_experts_per_layer"] == counts
+    assert hf_config["num_experts_per_tok"] == 2 + shared
+    tensors = hf.params_to_hf(params, config)
+    assert {k: v.shape for k, v in tensors.items()} == hf.hf_shapes(config)
+    for layer, r in enumerate(routed):
+        assert expert_ids(tensors, layer) == set(range(r + shared))  # no padding written
+        gate = tensors[f"model.layers.{layer}.mlp.gate.weight"]
+        assert gate.shape == (r + shared, 32)
+        np.testing.assert_array_equal(gate[:r], params["blocks.moe.router"][layer][:, :r].T)
+        if shared > 1:
+            np.testing.assert_array_equal(gate[r:], params["blocks.moe.shared_router"][layer].T)
+        else:
+            assert not gate[r:].any()
+        for e in range(r):
+            np.testing.assert_array_equal(
+                tensors[f"model.layers.{layer}.mlp.experts.{e}.up_proj.weight"],
+                params["blocks.moe.w_up"][layer, e].T)
+        for j in range(shared):  # the shared experts follow this layer's routed ones
+            np.testing.assert_array_equal(
+                tensors[f"model.layers.{layer}.mlp.experts.{r + j}.down_proj.weight"],
+                params["blocks.moe.shared_down"][layer, j].T)
+    back_config, _ = hf.config_from_hf(hf_config)
+    assert back_config.to_dict() == config.to_dict()
+    back, notes = hf.params_from_hf(tensors, back_config)
+    assert notes == []
+    assert_params_identical(params, back)  # the padding comes back as exact zeros
+
+
+def test_cli_round_trip_of_a_budget_extracted_model(tmp_path):
+    """A model whose layers keep different numbers of experts (select --keep_total, then
+    extract) exports each layer's experts without the padding, and imports back bit-exactly."""
+    from emo_jax.modular import extract as extract_lib
+    from emo_jax.modular import select as select_lib
+
+    config = tiny_config(num_experts=9)
+    full = random_params(config, seed=5)
+    model = hf.model_from_params(config, full)
+    subset = select_lib.select(model, [], None, "random", seed=4, keep_total=11)
+    small, small_config, _ = extract_lib.extract(model, config, subset)
+    counts = [len(ids) + 1 for ids in subset.layers]
+    assert len(set(counts)) > 1, "this seed should give layers different counts"
+    assert small_config.moe.experts_per_layer == ",".join(map(str, counts))
+    params = hf.model_params(small)
+    model_dir = save_model(str(tmp_path / "small"), small, small_config)
+
+    out = run_cli(f"--checkpoint={model_dir}", f"--to_hf={tmp_path / 'hf'}")
+    assert out.returncode == 0, out.stderr
+    cfg = assert_reference_loads(tmp_path / "hf")  # layer l: exactly counts[l] experts and rows
+    assert cfg["num_experts_per_layer"] == counts and cfg["num_experts"] == max(counts)
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    for layer, ids in enumerate(subset.layers):
+        assert expert_ids(tensors, layer) == set(range(len(ids) + 1))
+        gate = tensors[f"model.layers.{layer}.mlp.gate.weight"]
+        np.testing.assert_array_equal(gate[:len(ids)], full["blocks.moe.router"][layer][:, ids].T)
+        for slot, e in enumerate(ids):
+            np.testing.assert_array_equal(
+                tensors[f"model.layers.{layer}.mlp.experts.{slot}.gate_proj.weight"],
+                full["blocks.moe.w_gate"][layer, e].T)
+        np.testing.assert_array_equal(  # the shared expert right after this layer's routed ones
+            tensors[f"model.layers.{layer}.mlp.experts.{len(ids)}.up_proj.weight"],
+            full["blocks.moe.shared_up"][layer, 0].T)
+
+    convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+    restored, back_config, _ = restore_model(str(tmp_path / "back"))
+    _, saved_config, _ = restore_model(model_dir)
+    assert back_config.to_dict() == saved_config.to_dict()
+    assert back_config.moe.experts_per_layer == small_config.moe.experts_per_layer
+    assert_params_identical(params, hf.model_params(restored))
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("shared,per_layer", [(1, [4, 5]), (2, [7, 4])])
+def test_reference_with_per_layer_counts_imports_padded_and_computes_alike(tmp_path, shared,
+                                                                           per_layer):
+    """A reference checkpoint whose layers have different numbers of experts becomes a model
+    with moe.experts_per_layer and zero-padded stacks, whose logits equal the reference layout's
+    (float64 NumPy) and the same padded weights with the padding masked out of routing."""
+    import ml_collections
+    from emo_jax.model.model_config import ModelConfig
+
+    cfg, tensors = hand_made_hf(shared=shared, per_layer=per_layer, seed=9)
+    write_hf_model(tmp_path / "hf", cfg, tensors, files=2)
+    convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "model"))
+    restored, config, _ = restore_model(str(tmp_path / "model"))
+    assert config.moe.experts_per_layer == ",".join(map(str, per_layer))
+    assert config.moe.num_experts == max(per_layer) and config.moe.top_k == 2
+    assert config.moe.num_shared_experts == shared
+    params = hf.model_params(restored)
+    # the padded layout by hand: layer i's routed experts at rows 0..r_i-1, exact zeros after
+    r_max, d, f = max(per_layer) - shared, cfg["hidden_size"], cfg["intermediate_size"]
+    for i, count in enumerate(per_layer):
+        r, p = count - shared, f"model.layers.{i}.mlp."
+        router = np.zeros((d, r_max), np.float32)
+        router[:, :r] = tensors[p + "gate.weight"][:r].T
+        np.testing.assert_array_equal(params["blocks.moe.router"][i], router)
+        for kind, shape in (("gate", (d, f)), ("up", (d, f)), ("down", (f, d))):
+            stack = np.zeros((r_max, *shape), np.float32)
+            for e in range(r):
+                stack[e] = tensors[p + f"experts.{e}.{kind}_proj.weight"].T
+            np.testing.assert_array_equal(params[f"blocks.moe.w_{kind}"][i], stack)
+            for j in range(shared):
+                np.testing.assert_array_equal(params[f"blocks.moe.shared_{kind}"][i, j],
+                                              tensors[p + f"experts.{r + j}.{kind}_proj.weight"].T)
+
+    tokens = np.random.default_rng(6).integers(0, cfg["vocab_size"], 12)
+    s = len(tokens)
+    args = (jnp.asarray(tokens[None], jnp.int32), jnp.ones((1, s), jnp.int32),
+            jnp.arange(s, dtype=jnp.int32)[None])
+    logits = np.asarray(hf.model_from_params(config, params)(*args).logits_BSV[0])
+    expected = numpy_hf_forward(tensors, cfg, tokens)
+    assert np.abs(expected).max() > 1.0
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    uniform = ml_collections.ConfigDict(config.to_dict())
+    uniform.moe.experts_per_layer = ""  # every layer padded to the largest, padding masked
+    exists_LR = ModelConfig.from_config(config).existing_experts_LR()
+    masked = hf.model_from_params(validate(uniform), params)(
+        *args, expert_mask_LR=jnp.asarray(exists_LR)).logits_BSV[0]
+    np.testing.assert_allclose(logits, np.asarray(masked), rtol=1e-5, atol=2e-6)
+
+    convert.export_hf(str(tmp_path / "model"), str(tmp_path / "hf2"))  # back without padding
+    written = assert_reference_loads(tmp_path / "hf2")
+    assert written["num_experts_per_layer"] == per_layer
+    assert written["num_experts"] == max(per_layer)
+    back = load_file(str(tmp_path / "hf2" / "model.safetensors"))
+    assert set(back) == set(tensors)
+    for name, value in tensors.items():
+        if shared == 1 and name.endswith("mlp.gate.weight"):  # the one shared row: zeros
+            value = np.concatenate([value[:-1], np.zeros_like(value[-1:])])
+        assert np.array_equal(back[name], value), name
+
+
+@pytest.mark.parametrize("counts", [[4, 2], [6, 0], [5], [5, 4.0], "6,5", [6, True]])
+def test_invalid_per_layer_counts_are_refused(tmp_path, counts):
+    cfg, tensors = hand_made_hf()  # 1 shared + top_k 2: each layer needs >= 3 experts
+    write_hf_model(tmp_path / "hf", {**cfg, "num_experts_per_layer": counts}, tensors)
+    assert_refused(tmp_path, lambda out: convert.import_hf(str(tmp_path / "hf"), out),
+                   r"num_experts_per_layer is .*; it must be a list of 2 whole numbers "
+                   r"\(num_hidden_layers\), one per layer, each >= 3 \(num_experts_per_tok")
+
+
+def test_invalid_per_layer_counts_are_one_line_on_the_cli(tmp_path):
+    cfg, tensors = hand_made_hf()
+    write_hf_model(tmp_path / "hf", {**cfg, "num_experts_per_layer": [6, 2]}, tensors)
+    out = run_cli(f"--from_hf={tmp_path / 'hf'}", f"--out={tmp_path / 'out'}")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'hf' / 'config.json'}: num_experts_per_layer is [6, 2]; it must "
+        "be a list of 2 whole numbers (num_hidden_layers), one per layer, each >= 3 "
+        "(num_experts_per_tok: num_shared_experts 1 + 2 routed experts per token)"]
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 @pytest.mark.skipif(not os.environ.get("EMO_REMOTE_CODE_DIR"),

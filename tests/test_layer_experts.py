@@ -139,7 +139,7 @@ def test_a_subset_of_a_model_with_per_layer_counts(full, budget):
         subset_lib.from_json(bad.to_json())
 
 
-def test_saved_without_padding_restored_and_extracted_lazily_alike(full, budget, tmp_path):
+def test_saved_restored_and_extracted_lazily_alike(full, budget, tmp_path):
     model, config = full
     subset, small, small_config, _ = budget
     model_files.save_model(str(tmp_path / "small"), small, small_config)
@@ -153,22 +153,25 @@ def test_saved_without_padding_restored_and_extracted_lazily_alike(full, budget,
     assert lazy_config.moe.experts_per_layer == small_config.moe.experts_per_layer
     for a, b in zip(jax.tree.leaves(nnx.state(lazy_model)), jax.tree.leaves(nnx.state(small))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # The padding takes no space: the same arrays with random padding are larger on disk by
-    # about the padding's bytes (chunks of zeros are not written).
-    rng = np.random.default_rng(0)
-    pure = nnx.to_pure_dict(nnx.state(small))
-    missing_LR = ~small.config.existing_experts_LR()
+
+
+def test_the_padding_takes_no_space_on_disk(tmp_path):
+    """A model directory stores expert stacks one expert per chunk, and chunks of zeros are not
+    written: the same arrays with random padding take about the padding's bytes more."""
+    config = tiny_config(expert_hidden=256, experts_per_layer="9,5")
+    pure = nnx.to_pure_dict(nnx.state(random_model(config, seed=1)))  # padding random too
+    missing_LR = ~ModelConfig.from_config(config).existing_experts_LR()
     padding = 0
+    zeroed = jax.tree.map(np.array, pure)
     for name in ("w_gate", "w_up", "w_down"):
-        w = np.array(pure["blocks"]["moe"][name])
-        w[missing_LR] = rng.standard_normal(w[missing_LR].shape)
+        w = zeroed["blocks"]["moe"][name]
         padding += w[missing_LR].nbytes
-        pure["blocks"]["moe"][name] = w
-    assert padding > 0
-    model_files.save_params(str(tmp_path / "filled"), pure, small_config)
-    stored = _dir_bytes(tmp_path / "small" / "params")
-    filled = _dir_bytes(tmp_path / "filled" / "params")
-    assert filled - stored > 0.9 * padding, (stored, filled, padding)
+        w[missing_LR] = 0.0
+    model_files.save_params(str(tmp_path / "zeroed"), zeroed, config)
+    model_files.save_params(str(tmp_path / "random"), pure, config)
+    stored = _dir_bytes(tmp_path / "zeroed" / "params")
+    filled = _dir_bytes(tmp_path / "random" / "params")
+    assert filled - stored > 0.8 * padding, (stored, filled, padding)
 
 
 def test_training_keeps_the_padding_zero_and_balances_over_existing_experts(budget):

@@ -64,12 +64,18 @@ def chain(workdir, data_file, tmp_path_factory):
                         f"--out={d}/a.json"],
         "select_text": ["emo_jax.select", ck, "--text=The court held that the contract was void.",
                         "--keep=4", "--method=global", f"--out={d}/b.json"],
+        "select_budget": ["emo_jax.select", ck, f"--data={data_file}", "--keep_total=13",
+                          "--method=global", f"--out={d}/budget.json"],
     })
     results.update(run_all({"compose": ["emo_jax.select", "--compose", f"{d}/a.json",
                                         f"{d}/b.json", f"--out={d}/ab.json"]}))
     greedy = [f"--prompt={PROMPT}", "--max_new_tokens=24", "--temperature=0"]
     results.update(run_all({
         "extract": ["emo_jax.extract", ck, f"--subset={d}/ab.json", f"--out={d}/small"],
+        "extract_budget": ["emo_jax.extract", ck, f"--subset={d}/budget.json",
+                           f"--out={d}/budget"],
+        "eval_budget_masked": ["emo_jax.eval", ck, f"--data={data_file}",
+                               f"--subset={d}/budget.json", f"--out={d}/eval_budget_masked.json"],
         "eval_masked": ["emo_jax.eval", ck, f"--data={data_file}", f"--subset={d}/ab.json",
                         f"--out={d}/eval_masked.json"],
         "generate_masked": ["emo_jax.generate", ck, f"--subset={d}/ab.json", *greedy],
@@ -82,6 +88,9 @@ def chain(workdir, data_file, tmp_path_factory):
         "generate_small": ["emo_jax.generate", small, *greedy],
         "select_small": ["emo_jax.select", small, f"--data={data_file}", "--keep=3",
                          f"--out={d}/c.json"],
+        "eval_budget": ["emo_jax.eval", f"--checkpoint={d}/budget", f"--data={data_file}",
+                        f"--out={d}/eval_budget.json"],
+        "generate_budget": ["emo_jax.generate", f"--checkpoint={d}/budget", *greedy],
         "generate_from_prompt": ["emo_jax.generate", ck, "--subset_from_prompt=4", *greedy],
     }))
     return d, results
@@ -119,6 +128,34 @@ def test_extracted_checkpoint_equals_the_masked_model_and_is_smaller(chain):
     c = subset_lib.load(f"{d}/c.json")
     assert c.model["shape"]["moe.num_experts"] == subset_lib.load(f"{d}/ab.json").keep
     assert "experts: 4 of 16 per layer (layerwise)" in results["generate_from_prompt"].stderr
+
+
+def test_budget_subset_extracts_to_a_model_with_per_layer_counts(chain, tmp_path):
+    """select --keep_total chooses per-layer counts; the extracted model evaluates as the
+    masked full model, generates, and fine-tunes."""
+    d, results = chain
+    budget = subset_lib.load(f"{d}/budget.json")
+    assert isinstance(budget.keep, list) and sum(budget.keep) == 13
+    assert "kept 13 experts in 2 layers" in results["select_budget"].stdout
+    with open(f"{d}/budget/config.json") as f:
+        config = json.load(f)
+    assert config["moe"]["experts_per_layer"] == ",".join(map(str, budget.keep))
+    with open(f"{d}/eval_budget_masked.json") as f:
+        masked = json.load(f)
+    with open(f"{d}/eval_budget.json") as f:
+        small = json.load(f)
+    assert small["tokens"] == masked["tokens"]
+    assert small["loss"] == pytest.approx(masked["loss"], rel=1e-5)
+    text = results["generate_budget"].stdout
+    assert text.startswith(PROMPT) and len(text) > len(PROMPT)
+    proc = subprocess.run(th.train_cmd(tmp_path / "ft", f"--init_checkpoint={d}/budget",
+                                       "--config.train.steps=2"),
+                          cwd=th.REPO, env=th.cli_env(), text=True, capture_output=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert th.step_records(tmp_path / "ft")[2]["loss"] > 0
+    with open(tmp_path / "ft" / "config.json") as f:
+        assert json.load(f)["moe"]["experts_per_layer"] == config["moe"]["experts_per_layer"]
 
 
 def test_analyze_writes_its_files_and_its_scores_are_right(chain):

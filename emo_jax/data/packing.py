@@ -159,7 +159,23 @@ class DocumentFilterIterDataset(grain.IterDataset):
                             seq_len=seq_len)
 
     def __iter__(self):
-        return _DocumentFilterIterator(self._parent.__iter__(), **self._kwargs)
+        self.latest = _DocumentFilterIterator(self._parent.__iter__(), **self._kwargs)
+        return self.latest
+
+    def __getstate__(self):  # sent to Grain workers without the iterator of this process
+        state = dict(self.__dict__)
+        state.pop("latest", None)
+        return state
+
+    def live_counts(self) -> tuple[dict, str | None]:
+        """(counts, latest bad record) of the newest iterator's reads so far, in the same process
+        (a one-pass reader's; `data_stats` gives a checkpointable position's)."""
+        it = getattr(self, "latest", None)
+        if it is None:
+            return _empty_counts(), None
+        counts = dict(it._counts)
+        counts["bad_records"] = sum(counts[f"bad_{reason}"] for reason in BAD_REASONS)
+        return counts, it._latest_bad
 
     def __str__(self):
         return "DocumentFilterIterDataset"

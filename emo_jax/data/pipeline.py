@@ -154,21 +154,23 @@ def make_train_iterator(config: ml_collections.ConfigDict, *, process_index: int
 def _packed_batches(docs: grain.MapDataset, tokenizer, *, seq_len: int, batch_size: int,
                     packing_mode: str, packing_bins: int, on_bad_record: str,
                     with_document_ids: bool, read_threads: int = 2,
-                    boundary: str = "eos_closes") -> grain.DatasetIterator:
-    """One deterministic pass over `docs` (a MapDataset of documents) as padded batches."""
+                    boundary: str = "eos_closes"):
+    """(iterator, document filter): one deterministic pass over `docs` (a MapDataset of
+    documents) as padded batches; the filter's `live_counts()` are that pass's reads."""
     if with_document_ids:
         ds = docs.map_with_index(packing.TokenizeIndexedDocument(tokenizer, boundary))
     else:
         ds = docs.map(packing.TokenizeDocument(tokenizer, boundary))
     it_ds = ds.to_iter_dataset(_read_options(read_threads))
-    it_ds = packing.DocumentFilterIterDataset(it_ds, on_bad_record=on_bad_record,
-                                              seq_len=seq_len, max_consecutive_bad=len(docs) + 1)
+    document_filter = it_ds = packing.DocumentFilterIterDataset(
+        it_ds, on_bad_record=on_bad_record, seq_len=seq_len, max_consecutive_bad=len(docs) + 1)
     features = ("tokens", "document_ids") if with_document_ids else ("tokens",)
     it_ds = packing.pack_rows(it_ds, packing=packing_mode, seq_len=seq_len,
                               packing_bins=packing_bins, seed=0, shuffle_bins=False,
                               features=features)
     it_ds = packing.batch_rows(it_ds, batch_size)
-    return iter(it_ds.map(packing.unshift_document_ids) if with_document_ids else it_ds)
+    it = iter(it_ds.map(packing.unshift_document_ids) if with_document_ids else it_ds)
+    return it, document_filter
 
 
 def make_eval_batches(config: ml_collections.ConfigDict, *, max_batches: int | None = None,
@@ -190,21 +192,21 @@ def make_eval_batches(config: ml_collections.ConfigDict, *, max_batches: int | N
     docs = grain.MapDataset.concatenate([ds for _, ds in opened])
     tokenizer = make_tokenizer(d.tokenizer)
     check_vocab(tokenizer, config.model.vocab_size)
-    it = _packed_batches(docs, tokenizer, seq_len=d.seq_len,
-                         batch_size=d.batch_size, packing_mode=d.packing,
-                         packing_bins=d.packing_bins, on_bad_record=d.on_bad_record,
-                         with_document_ids=False, read_threads=d.read_threads,
-                         boundary=d.boundary)
+    it, document_filter = _packed_batches(
+        docs, tokenizer, seq_len=d.seq_len, batch_size=d.batch_size, packing_mode=d.packing,
+        packing_bins=d.packing_bins, on_bad_record=d.on_bad_record, with_document_ids=False,
+        read_threads=d.read_threads, boundary=d.boundary)
     rows = parallel.host_rows(d.batch_size, pi, pc)
     batches = [{k: v[rows] for k, v in batch.items()}
                for batch in itertools.islice(it, max_batches)]
-    stats = data_stats(it)
+    # The filter's own counts: the iterator state trails the last packed batch, and a bad
+    # record after the last document (a truncated .gz ends so) would never show there.
+    stats, latest = document_filter.live_counts()
     if stats["bad_records"] and pi == 0:
         logging.warning("data.eval_sources: skipped %d bad records (%s); latest: %s",
                         stats["bad_records"], {k[4:]: v for k, v in stats.items()
                                                if k.startswith("bad_") and v and
-                                               k != "bad_records"},
-                        packing.latest_bad_record(it))
+                                               k != "bad_records"}, latest)
     return batches
 
 
@@ -225,4 +227,4 @@ def pack_documents(docs: Sequence[str | dict], tokenizer, seq_len: int, batch_si
     return _packed_batches(grain.MapDataset.source(items), tokenizer, seq_len=seq_len,
                            batch_size=batch_size, packing_mode=packing,
                            packing_bins=packing_bins, on_bad_record="error",
-                           with_document_ids=True, boundary=boundary)
+                           with_document_ids=True, boundary=boundary)[0]

@@ -5,7 +5,7 @@ parameters (a flat dict `'blocks.attn.wq' -> array`, see `model_params`) <-> Hug
 (torch Linear layout `[out, in]`). No files and no torch here: `safetensors_io.py` reads and
 writes the tensors, `emo_jax/convert.py` is the CLI.
 
-The layout, per layer i (E = R routed + X shared experts, shared ones LAST):
+The layout, per layer i (E_i = R_i routed + X shared experts, shared ones LAST):
   model.embed_tokens.weight [V, D]          <- embed [V, D]
   lm_head.weight [V, D]                     <- head [D, V] transposed (never tied)
   model.norm.weight [D]                     <- final_norm.scale
@@ -14,10 +14,15 @@ The layout, per layer i (E = R routed + X shared experts, shared ones LAST):
   model.layers.i.self_attn.q_proj.weight [H*Dh, D]     <- wq[i] [D, H, Dh] (head-major rows)
   model.layers.i.self_attn.{k,v}_proj.weight [KV*Dh, D] <- wk/wv[i] [D, KV, Dh]
   model.layers.i.self_attn.o_proj.weight [D, H*Dh]     <- wo[i] [H, Dh, D]
-  model.layers.i.mlp.gate.weight [E, D]     <- router[i] [D, R] transposed, then the X shared
+  model.layers.i.mlp.gate.weight [E_i, D]   <- router[i, :, :R_i] transposed, then the X shared
                                                rows: shared_router[i] [D, X] transposed (X > 1)
   model.layers.i.mlp.experts.e.{gate,up}_proj.weight [F, D], down_proj.weight [D, F]
-        e < R: routed expert e (w_gate/w_up/w_down[i, e]); e >= R: shared expert e - R.
+        e < R_i: routed expert e (w_gate/w_up/w_down[i, e]); e >= R_i: shared expert e - R_i.
+
+E_i is num_experts in every layer, or the reference's `num_experts_per_layer[i]` for a model
+whose layers keep different numbers of experts: emo_jax's `moe.experts_per_layer`, whose stacks
+are padded to R = max R_i with zeros (masked out of routing). Export writes each layer's R_i
+routed experts and gate rows only, without the padding; import pads them again with zeros.
 
 The router rows of shared experts: the Hugging Face implementation takes one softmax over the
 routed experts' logits (top-k of those) and another over the X shared experts' logits, which
@@ -28,7 +33,7 @@ rotate-half in both, so q/k need no
 permutation; GQA maps query head h to key/value head h // (H / KV) in both.
 
 Glossary: V vocabulary, D d_model, L layers, H query heads, KV key/value heads, Dh head dim,
-E experts per layer (shared included), R routed, X shared, F expert hidden.
+E experts per layer (shared included), R routed, X shared, F expert hidden; _i: of layer i.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from emo_jax.config import ConfigError, default_config, routed_experts, validate
+from emo_jax.config import ConfigError, default_config, validate
 from emo_jax.model.model_config import ModelConfig
 from emo_jax.model.transformer import Transformer
 
@@ -82,8 +87,9 @@ class InteropError(ValueError):
 
 
 def experts_per_layer(config) -> list[int]:
-    """Experts kept in each layer (shared included): uniform in an emo_jax model."""
-    return [config.moe.num_experts] * config.model.num_layers
+    """Experts kept in each layer (shared included): `moe.experts_per_layer`, or num_experts in
+    every layer (ModelConfig.layer_experts)."""
+    return list(ModelConfig.of(config).layer_experts)
 
 
 def check_token_ids(token_ids: Mapping, vocab_size: int, where: str = "") -> dict:
@@ -126,7 +132,9 @@ def config_to_hf(config, *, dtype: str = "float32", subset: bool = False,
 
     Every key the reference's `EmoConfig.__init__` reads is written, so none of its defaults
     (e.g. pad_token_id 100277, eos_token_id 100257) applies.
-    subset: the model is an extracted subset; `num_experts_per_layer` is written then.
+    subset: the model is an extracted subset; `num_experts_per_layer` is written then, and
+    always for a model with `moe.experts_per_layer` (its per-layer counts; num_experts is the
+    largest).
     lineage: JSON-able facts stored under the `emo_jax` key (source checkpoint, subset, ...).
     token_ids: {pad_token_id, eos_token_id, bos_token_id}, each within the vocabulary or None
     (missing: None).
@@ -177,7 +185,7 @@ def config_to_hf(config, *, dtype: str = "float32", subset: bool = False,
         "output_router_logits": False,
         "router_aux_loss_coef": float(e.balance_weight),
     }
-    if subset:  # absent otherwise: every layer has num_experts
+    if subset or e.experts_per_layer:  # absent otherwise: every layer has num_experts
         hf["num_experts_per_layer"] = experts_per_layer(config)
     if auto_map:
         hf["auto_map"] = auto_map
@@ -202,20 +210,32 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _hf_experts_per_layer(hf: dict, name: str) -> int:
-    """E of every layer; refuses per-layer counts that differ (emo_jax needs uniform layers)."""
+def _hf_experts_per_layer(hf: dict, name: str, shared: int, top_k: int) -> list[int]:
+    """E of each layer (shared included): `num_experts_per_layer`, or num_experts in every
+    layer. Each must leave top_k routed experts beside the shared ones (one line naming the key
+    and the valid range otherwise)."""
     layers = hf["num_hidden_layers"]
     counts = hf.get("num_experts_per_layer")
     if counts is None:
-        return hf["num_experts"]
+        return [hf["num_experts"]] * layers
+    low = shared + top_k
     _refuse(not isinstance(counts, list) or len(counts) != layers
-            or not all(_is_int(c) and c > 0 for c in counts),
-            f"{name}: num_experts_per_layer must be a list of {layers} positive counts "
-            f"(num_hidden_layers), got {counts!r}")
-    _refuse(len(set(counts)) != 1,
-            f"{name}: num_experts_per_layer differs across layers ({counts}), but an emo_jax "
-            "model has the same number of experts in every layer")
-    return counts[0]
+            or not all(_is_int(c) and c >= low for c in counts),
+            f"{name}: num_experts_per_layer is {counts!r}; it must be a list of {layers} whole "
+            f"numbers (num_hidden_layers), one per layer, each >= {low} (num_experts_per_tok: "
+            f"num_shared_experts {shared} + {top_k} routed experts per token)")
+    return list(counts)
+
+
+def _layer_experts_text(counts: list[int], stored) -> str:
+    """`moe.experts_per_layer` of these per-layer counts: '' when uniform (unless the stored
+    emo_jax config wrote the same counts out), else 'n0,n1,...'."""
+    try:
+        if stored and [int(n) for n in str(stored).split(",")] == counts:
+            return str(stored)
+    except ValueError:
+        pass
+    return "" if len(set(counts)) == 1 else ",".join(map(str, counts))
 
 
 def _refuse_reference_routing(hf: Mapping, name: str, shared: int):
@@ -287,12 +307,13 @@ def config_from_hf(hf: Mapping, *, name: str = "config.json"):
             f"{name}: rope_scaling is {hf.get('rope_scaling')!r}; emo_jax has plain RoPE only "
             "(rope_scaling null)")
 
-    num_experts = _hf_experts_per_layer(hf, name)
     shared = hf["num_shared_experts"]
     _refuse_reference_routing(hf, name, shared)
     top_k = hf["num_experts_per_tok"] - shared  # HF counts the shared experts as active too
     _refuse(top_k < 1, f"{name}: num_experts_per_tok ({hf['num_experts_per_tok']}) must exceed "
             f"num_shared_experts ({shared}): it counts the shared experts too")
+    counts = _hf_experts_per_layer(hf, name, shared, top_k)
+    num_experts = max(counts)  # the stacks are padded to the largest layer
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     head_dim = hf.get("head_dim")
     _refuse(head_dim is not None and not _is_int(head_dim),
@@ -309,7 +330,8 @@ def config_from_hf(hf: Mapping, *, name: str = "config.json"):
         if ignored:
             notes.append(f"ignored emo_jax config keys unknown to this version: {ignored}")
     else:
-        routed = num_experts - shared
+        low, high = min(counts) - shared, num_experts - shared
+        routed = f"{high}" if low == high else f"{low}..{high} (per layer)"
         config.moe.pool_max = max(num_experts, top_k)
         config.moe.pool_min = min(max(top_k, _REFERENCE_POOL_MIN), config.moe.pool_max)
         config.moe.eval_pool = 0
@@ -326,6 +348,7 @@ def config_from_hf(hf: Mapping, *, name: str = "config.json"):
     m.rope_theta, m.norm_eps = float(hf["rope_theta"]), float(hf["rms_norm_eps"])
     m.qk_norm = False
     e.num_experts, e.num_shared_experts = int(num_experts), int(shared)
+    e.experts_per_layer = _layer_experts_text(counts, e.experts_per_layer)
     e.top_k, e.expert_hidden = int(top_k), int(hf["intermediate_size"])
     try:
         validate(config)
@@ -406,7 +429,7 @@ def hf_shapes(config) -> dict[str, tuple[int, ...]]:
     d, v, f = m.d_model, m.vocab_size, e.expert_hidden
     q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
     shapes = {"model.embed_tokens.weight": (v, d)}
-    for i in range(m.num_layers):
+    for i, experts in enumerate(experts_per_layer(config)):
         p = f"model.layers.{i}."
         shapes[p + "pre_attention_layernorm.weight"] = (d,)
         shapes[p + "self_attn.q_proj.weight"] = (q, d)
@@ -414,8 +437,8 @@ def hf_shapes(config) -> dict[str, tuple[int, ...]]:
         shapes[p + "self_attn.v_proj.weight"] = (kv, d)
         shapes[p + "self_attn.o_proj.weight"] = (d, q)
         shapes[p + "pre_feedforward_layernorm.weight"] = (d,)
-        shapes[p + "mlp.gate.weight"] = (e.num_experts, d)
-        for x in range(e.num_experts):
+        shapes[p + "mlp.gate.weight"] = (experts, d)
+        for x in range(experts):
             shapes[p + f"mlp.experts.{x}.gate_proj.weight"] = (f, d)
             shapes[p + f"mlp.experts.{x}.up_proj.weight"] = (f, d)
             shapes[p + f"mlp.experts.{x}.down_proj.weight"] = (d, f)
@@ -438,8 +461,9 @@ def _parse(name: str):
 def export_tensors(params: Mapping, config) -> dict[str, Callable[[], np.ndarray]]:
     """{HF name: () -> float32 [out, in] array}: computed on demand, so a writer holds one shard.
 
-    `params` may hold NumPy or JAX arrays (`model_params(model, host=False)`)."""
-    r = routed_experts(config)
+    `params` may hold NumPy or JAX arrays (`model_params(model, host=False)`). Layer i gets
+    its R_i routed experts only (the padding of a model with per-layer counts is left out)."""
+    routed_L = ModelConfig.of(config).layer_routed()
 
     def tensor(name):
         layer, expert, leaf = _parse(name)
@@ -447,6 +471,7 @@ def export_tensors(params: Mapping, config) -> dict[str, Callable[[], np.ndarray
             return {"model.embed_tokens.weight": lambda: params["embed"],
                     "model.norm.weight": lambda: params["final_norm.scale"],
                     "lm_head.weight": lambda: params["head"].T}[name]()
+        r = routed_L[layer]
         if expert is not None:
             kind = {"gate_proj.weight": "gate", "up_proj.weight": "up",
                     "down_proj.weight": "down"}[leaf]
@@ -458,7 +483,7 @@ def export_tensors(params: Mapping, config) -> dict[str, Callable[[], np.ndarray
         if leaf == "pre_feedforward_layernorm.weight":
             return params["blocks.moe_norm.scale"][layer]
         if leaf == "mlp.gate.weight":
-            router_RD = params["blocks.moe.router"][layer].T
+            router_RD = params["blocks.moe.router"][layer][:, :r].T
             if config.moe.num_shared_experts > 1:
                 shared_XD = params["blocks.moe.shared_router"][layer].T
             else:
@@ -487,12 +512,14 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config):
     against `hf_shapes(config)`. Stacked parameters are filled in place, one tensor at a time, so
     the peak memory is the model plus one tensor. The shared experts' router rows become
     `shared_router`; a single shared expert's row is dropped (its softmax is 1.0 whatever it
-    holds): notes say so when it was not zero.
+    holds): notes say so when it was not zero. Layer i's R_i routed experts fill rows
+    0..R_i-1 of the stacks; the rest (the padding of per-layer counts) stays zero.
     """
     m, e = config.model, config.moe
-    r, x = routed_experts(config), e.num_shared_experts
+    x = e.num_shared_experts
+    routed_L = ModelConfig.of(config).layer_routed()
     d, h, kv, dh = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
-    params = {key: np.empty(shape, np.float32) for key, shape in param_shapes(config).items()}
+    params = {key: np.zeros(shape, np.float32) for key, shape in param_shapes(config).items()}
 
     def get(name):
         return np.asarray(tensors[name]).astype(np.float32)
@@ -501,7 +528,7 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config):
     params["head"][...] = get("lm_head.weight").T
     params["final_norm.scale"][...] = get("model.norm.weight")
     dropped = []
-    for i in range(m.num_layers):
+    for i, r in enumerate(routed_L):
         p = f"model.layers.{i}."
         params["blocks.attn_norm.scale"][i] = get(p + "pre_attention_layernorm.weight")
         params["blocks.moe_norm.scale"][i] = get(p + "pre_feedforward_layernorm.weight")
@@ -510,7 +537,7 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config):
         params["blocks.attn.wv"][i] = get(p + "self_attn.v_proj.weight").T.reshape(d, kv, dh)
         params["blocks.attn.wo"][i] = get(p + "self_attn.o_proj.weight").T.reshape(h, dh, d)
         gate_ED = get(p + "mlp.gate.weight")
-        params["blocks.moe.router"][i] = gate_ED[:r].T
+        params["blocks.moe.router"][i, :, :r] = gate_ED[:r].T
         if x > 1:
             params["blocks.moe.shared_router"][i] = gate_ED[r:].T
         elif x and np.any(gate_ED[r:] != 0):

@@ -23,16 +23,19 @@ This file only parses flags; the work is `emo_jax.train.loop.train_and_evaluate`
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from emo_jax import storage
 from emo_jax.cli import fail, initialize_distributed, parse_flags, quiet_logging
 from emo_jax.config import ConfigError, validate
 from emo_jax.data.sources import DataError
-from emo_jax.model_files import CheckpointError
+from emo_jax.model_files import CHECKPOINTS, CheckpointError
 from emo_jax.train.checkpoint import SaveError
 from emo_jax.train.loop import StoppedBeforeStart, TrainingError, train_and_evaluate
 
@@ -54,6 +57,20 @@ def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     quiet_logging()
+    checkpoints = os.path.join(_WORKDIR.value, CHECKPOINTS)
+    made = not storage.is_remote(checkpoints) and not os.path.lexists(checkpoints)
+    try:
+        _main()
+    except BaseException:
+        # A run that fails before its first checkpoint leaves no empty checkpoints/ folder in an
+        # existing workdir (a workdir it created is removed whole: train_and_evaluate).
+        if made and os.path.isdir(checkpoints) and not os.listdir(checkpoints):
+            with contextlib.suppress(OSError):
+                os.rmdir(checkpoints)
+        raise
+
+
+def _main():
     try:
         config = validate(_CONFIG.value)
         initialize_distributed()
