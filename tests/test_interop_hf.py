@@ -1017,24 +1017,30 @@ def test_invalid_per_layer_counts_are_one_line_on_the_cli(tmp_path):
                     "src/hf_trust_remote_code/emo/ (not shipped here) to load in transformers")
 def test_export_loads_in_transformers_with_the_reference_code(tmp_path):
     """Optional: the real loader (transformers + torch + the reference's remote code, which
-    this repository cannot ship) on a full export and an extracted-shape subset export."""
+    this repository cannot ship) on exports of a uniform model, a model with two shared
+    experts, and a model whose layers keep different numbers of experts."""
     import shutil
 
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    config = tiny_config(vocab_size=264)
-    params = random_params(config, seed=3)
-    model_dir = save_tiny_model(tmp_path, config, params)
-    out = tmp_path / "hf"
-    convert.export_hf(model_dir, str(out), remote_code="local")
-    for name in ("configuration_emo.py", "modeling_emo.py"):
-        shutil.copyfile(os.path.join(os.environ["EMO_REMOTE_CODE_DIR"], name), out / name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(out), trust_remote_code=True, torch_dtype=torch.float32)
-    tokens = (np.arange(12) * 7) % 264
-    with torch.no_grad():
-        theirs = model(torch.tensor(tokens[None])).logits[0].numpy()
-    ours = hf.model_from_params(config, params)(
-        jnp.asarray(tokens[None], jnp.int32), jnp.ones((1, 12), jnp.int32),
-        jnp.arange(12, dtype=jnp.int32)[None]).logits_BSV[0]
-    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4)
+    cases = {"uniform": (tiny_config(vocab_size=264), random_params),
+             "two_shared": (tiny_config(vocab_size=264, shared=2), random_params),
+             "per_layer": (ragged_config([7, 4, 5]), ragged_params)}
+    for name, (config, make_params) in cases.items():
+        config.model.vocab_size = 264
+        params = make_params(validate(config), seed=3)
+        model_dir = save_tiny_model(tmp_path, config, params, name=name)
+        out = tmp_path / f"hf_{name}"
+        convert.export_hf(model_dir, str(out), remote_code="local")
+        for file in ("configuration_emo.py", "modeling_emo.py"):
+            shutil.copyfile(os.path.join(os.environ["EMO_REMOTE_CODE_DIR"], file), out / file)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(out), trust_remote_code=True, torch_dtype=torch.float32)
+        tokens = (np.arange(12) * 7) % 264
+        with torch.no_grad():
+            theirs = model(torch.tensor(tokens[None])).logits[0].numpy()
+        ours = hf.model_from_params(config, params)(
+            jnp.asarray(tokens[None], jnp.int32), jnp.ones((1, 12), jnp.int32),
+            jnp.arange(12, dtype=jnp.int32)[None]).logits_BSV[0]
+        np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4,
+                                   err_msg=name)
