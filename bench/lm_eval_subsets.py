@@ -126,7 +126,8 @@ def main():
 
     def scorer(mask=None):
         return adapter.Scorer(model, tokenizer, seq_len=config.data.seq_len,
-                              expert_mask_LR=mask, batch_size=args.batch_size)
+                              expert_mask_LR=mask, batch_size=args.batch_size,
+                              boundary=config.data.boundary)
 
     full = run_tasks(lm_eval, scorer(), list(tasks.values()), manager)
     rows = []
@@ -135,7 +136,8 @@ def main():
         picks = rng.choice(len(train_by[domain]), size=min(args.select_docs,
                                                            len(train_by[domain])), replace=False)
         calib = [train_by[domain][i] for i in picks]
-        batches = runtime.document_batches(calib, tokenizer, config.data.seq_len)
+        batches = runtime.document_batches(calib, tokenizer, config.data.seq_len,
+                                           boundary=config.data.boundary)
         for fraction in fractions:
             keep = max(e.num_shared_experts + 1, int(round(fraction * e.num_experts)))
             chosen = select(model, batches, keep, "layerwise", data={"documents": len(calib)})

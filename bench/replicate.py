@@ -75,7 +75,8 @@ def measure(variant, workdir, args, train_by, eval_by, domains):
         pick = rng.choice(len(train_by[domain]), size=min(args.select_docs, len(train_by[domain])),
                           replace=False)
         calib = [train_by[domain][i] for i in pick]
-        batches = runtime.document_batches(calib, tokenizer, config.data.seq_len)
+        batches = runtime.document_batches(calib, tokenizer, config.data.seq_len,
+                                           boundary=config.data.boundary)
         for fraction in args.fractions:
             keep = fraction_to_keep(fraction, config)
             subset = select(model, batches, keep, "layerwise", data={"documents": len(calib)})

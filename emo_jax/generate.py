@@ -57,7 +57,7 @@ def main(argv):
         model, config, metadata = runtime.load_model(_CHECKPOINT.value)
         routed = routed_experts(config)
         tokenizer = runtime.tokenizer_of(config)
-        prompt = tokenizer.encode(_PROMPT.value)
+        prompt = runtime.prompt_ids(tokenizer, _PROMPT.value, config.data.boundary)
         if not prompt:
             fail("--prompt is empty: give text to continue")
         subset = None

@@ -116,7 +116,9 @@ class Scorer:
 
     def __init__(self, model, tokenizer, *, seq_len: int, expert_mask_LR=None,
                  batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS):
+                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, boundary: str = "eos_closes"):
+        """boundary: the model's `data.boundary`; 'eos_opens' (documents started with eos in
+        training) puts eos before every context."""
         if int(seq_len) < 2:
             raise ValueError(f"seq_len is {seq_len}; it must be >= 2")
         if int(batch_size) < 1:
@@ -126,6 +128,7 @@ class Scorer:
         self.max_gen_toks = int(max_gen_toks)
         self.mask = None if expert_mask_LR is None else jnp.asarray(expert_mask_LR, bool)
         self.prefix_id = int(tokenizer.eos_id)
+        self.opens_with_eos = boundary == "eos_opens"
         self._state = nnx.state(model)
         self._score = _score_fn(model)
         self._decoder = None
@@ -144,6 +147,7 @@ class Scorer:
             chosen = subset_lib.load(subset)
             chosen.check_model(config, model, where=f"the subset {subset}")
             mask = chosen.mask()
+        kwargs.setdefault("boundary", config.data.boundary)
         return cls(model, runtime.tokenizer_of(config), seq_len=seq_len or config.data.seq_len,
                    expert_mask_LR=mask, **kwargs)
 
@@ -158,9 +162,10 @@ class Scorer:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         whole = list(self.tokenizer.encode(context + continuation))
         ctx = list(self.tokenizer.encode(context)) if context else []
+        opening = [self.prefix_id] if self.opens_with_eos else []
         if whole[:len(ctx)] != ctx:  # a tokenizer that merges across the boundary
-            return ctx, list(self.tokenizer.encode(continuation))
-        return ctx, whole[len(ctx):]
+            return opening + ctx, list(self.tokenizer.encode(continuation))
+        return opening + ctx, whole[len(ctx):]
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         """[(log p(continuation | context), greedy)] of (context, continuation) text pairs."""
@@ -238,7 +243,9 @@ class Scorer:
             max_new = max(1, min(max_new, self.seq_len - 1))
             if kwargs.get("do_sample") or float(kwargs.get("temperature", 0) or 0) > 0:
                 _log.warning("emo_jax decodes greedily; sampling options %s ignored", kwargs)
-            prompt = list(self.tokenizer.encode(context)) or [self.prefix_id]
+            prompt = list(self.tokenizer.encode(context))
+            if self.opens_with_eos or not prompt:
+                prompt = [self.prefix_id] + prompt
             prompt = prompt[-(self.seq_len - max_new):]
             jobs.setdefault((len(prompt), max_new), []).append((i, prompt, until))
         out = [""] * len(requests)

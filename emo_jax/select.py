@@ -94,7 +94,7 @@ def select_file(out: str) -> str:
         docs, data = runtime.read_texts(config, data=_DATA.value, text=_TEXT.value,
                                         max_docs=_MAX_DOCS.value)
     batches = runtime.document_batches(docs, runtime.tokenizer_of(config), config.data.seq_len,
-                                       _BATCH.value) if docs else []
+                                       _BATCH.value, config.data.boundary) if docs else []
     subset = select.select(model, batches, _KEEP.value, _METHOD.value, seed=_SEED.value,
                            data=data, keep_total=_KEEP_TOTAL.value)
     subset.model["checkpoint"] = storage.absolute(_CHECKPOINT.value)

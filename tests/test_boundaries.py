@@ -116,3 +116,25 @@ def test_boundary_is_validated():
     c.data.boundary = "eos_first"
     with pytest.raises(ConfigError, match="data.boundary"):
         validate(c)
+
+
+def test_tools_open_documents_and_prompts_with_eos_for_eos_opens_models():
+    """Calibration batches, prompts and lm-eval contexts of an 'eos_opens' model start with eos,
+    as its training documents did; an 'eos_closes' model's do not."""
+    from emo_jax.lm_eval_adapter import Scorer
+    from emo_jax.modular import runtime
+
+    tok = ByteTokenizer()
+    assert runtime.prompt_ids(tok, "ab", "eos_opens") == [tok.eos_id] + list(tok.encode("ab"))
+    assert runtime.prompt_ids(tok, "ab") == list(tok.encode("ab"))
+    for boundary, first in (("eos_opens", tok.eos_id), ("eos_closes", tok.encode("x")[0])):
+        batch = runtime.document_batches([{"text": "xy"}, {"text": "xz"}], tok, 16, 2,
+                                         boundary)[0]
+        starts = np.flatnonzero(np.diff(batch["segment_ids"][0], prepend=0) > 0)
+        assert len(starts) == 2 and all(batch["tokens"][0, s] == first for s in starts)
+    model = Transformer(ModelConfig.from_config(_tiny("eos_opens")), rngs=nnx.Rngs(0))
+    opens = Scorer(model, tok, seq_len=16, boundary="eos_opens")
+    closes = Scorer(model, tok, seq_len=16)
+    assert opens.encode_pair("ab", " c") == ([tok.eos_id] + list(tok.encode("ab")),
+                                             list(tok.encode(" c")))
+    assert closes.encode_pair("ab", " c") == (list(tok.encode("ab")), list(tok.encode(" c")))

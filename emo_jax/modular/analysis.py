@@ -64,7 +64,8 @@ def domains_of(docs) -> list[str]:
     return [doc.get("domain") or UNLABELLED for doc in docs]
 
 
-def domain_usage(model, docs, tokenizer, *, seq_len: int, batch_size: int = 8):
+def domain_usage(model, docs, tokenizer, *, seq_len: int, batch_size: int = 8,
+                 boundary: str = "eos_closes"):
     """(names, usage [Dom, L, R] assignment counts, mass [Dom, L, R] softmax sums,
     tokens [Dom]) over every token of `docs`, grouped by domain."""
     labels = domains_of(docs)
@@ -74,7 +75,7 @@ def domain_usage(model, docs, tokenizer, *, seq_len: int, batch_size: int = 8):
     mass = np.zeros_like(usage)
     tokens = np.zeros(len(names))
     probe = Probe(model, token_probs=True, assignments=True)
-    for batch in runtime.document_batches(docs, tokenizer, seq_len, batch_size):
+    for batch in runtime.document_batches(docs, tokenizer, seq_len, batch_size, boundary):
         out = probe(batch)
         real_BS = batch["segment_ids"] != 0
         dom_T = domain_of_doc[batch["document_ids"][real_BS]]
@@ -319,7 +320,8 @@ def analyze(model, config, docs, out_dir: str, *, tokenizer=None, clusters: int 
 
     names, usage, mass, tokens = domain_usage(model, docs, tokenizer,
                                               seq_len=config.data.seq_len,
-                                              batch_size=batch_size)
+                                              batch_size=batch_size,
+                                              boundary=config.data.boundary)
     share_DLR = usage / np.maximum(usage.sum(-1, keepdims=True), 1)
     pictures = []
     for layer in range(config.model.num_layers):

@@ -44,9 +44,18 @@ def read_texts(config, *, data: str | None = None, text: str | None = None,
     return docs, {"source": data, "documents": len(docs), "max_docs": max_docs}
 
 
-def document_batches(docs, tokenizer, seq_len: int, batch_size: int = 8) -> list[dict]:
-    """Packed batches of `docs` (every token of every document), with `document_ids`."""
-    return list(pack_documents(docs, tokenizer, seq_len, batch_size))
+def document_batches(docs, tokenizer, seq_len: int, batch_size: int = 8,
+                     boundary: str = "eos_closes") -> list[dict]:
+    """Packed batches of `docs` (every token of every document), with `document_ids`;
+    `boundary`: the model's `data.boundary` (where each document's eos goes, as in training)."""
+    return list(pack_documents(docs, tokenizer, seq_len, batch_size, boundary=boundary))
+
+
+def prompt_ids(tokenizer, text: str, boundary: str = "eos_closes") -> list[int]:
+    """Token ids of a prompt to be continued: a model trained with `data.boundary='eos_opens'`
+    saw every document start with eos, so its prompts do too."""
+    ids = [int(t) for t in tokenizer.encode(text)]
+    return [int(tokenizer.eos_id)] + ids if ids and boundary == "eos_opens" else ids
 
 
 def prompt_batch(ids) -> dict:
