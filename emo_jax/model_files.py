@@ -90,7 +90,8 @@ def describe_failure(err: BaseException) -> tuple[str, str]:
     if isinstance(err, checksums.ChecksumMismatch):
         return "corrupt", str(err)
     text = str(err).strip().splitlines()
-    return "unreadable", f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
+    first = text[0].split(" See full TensorStore details")[0][:300] if text else ""
+    return "unreadable", f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 # ---------------------------------------------------------------------------- pytrees
