@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from emo_jax.model.mesh_context import BATCH_AXES, ambient_mesh, pallas_allowed
+from emo_jax.model.mesh_context import BATCH_AXES, ambient_mesh, pallas_allowed, platform
 
 # A finite "minus infinity": exp() of it is exactly 0, and it never produces NaN in softmax.
 NEG_INF = -1e30
@@ -49,7 +49,7 @@ CPU_DENSE_MAX_SEQ = 1024
 
 
 def resolve_attention_impl(impl: str, backend: str | None = None, seq_len: int | None = None):
-    """The implementation 'auto' means on `backend` (default: jax.default_backend()).
+    """The implementation 'auto' means on `backend` (default: platform(), the target platform).
 
     Rule: TPU -> 'splash'; GPU -> 'chunked' (the cuDNN packed-segment path is opt-in until it
     has been measured on a GPU); CPU -> 'dense' when seq_len <= CPU_DENSE_MAX_SEQ (1024) or is
@@ -59,7 +59,7 @@ def resolve_attention_impl(impl: str, backend: str | None = None, seq_len: int |
         raise ValueError(f"unknown attention {impl!r}; valid: {', '.join(IMPLS)}")
     if impl != "auto":
         return impl
-    backend = backend or jax.default_backend()
+    backend = backend or platform()
     if backend == "tpu":
         return "splash"
     if backend in ("gpu", "cuda", "rocm"):
@@ -335,9 +335,9 @@ def splash_attention(q_BSHDh, k_BSKDh, v_BSKDh, segment_ids_BS, *, block: int = 
     kernel's tiling). Padding (id 0) outputs zeros. `interpret` runs the kernel in the Pallas
     interpreter (slow; CPU tests only); otherwise it only lowers on TPU.
     """
-    if not interpret and jax.default_backend() != "tpu":
+    if not interpret and platform() != "tpu":
         raise ValueError("attention 'splash' runs only on TPU (the backend is "
-                         f"{jax.default_backend()!r}); use 'chunked' or 'auto'")
+                         f"{platform()!r}); use 'chunked' or 'auto'")
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emo_jax.model.mesh_context import pallas_allowed
+from emo_jax.model.mesh_context import pallas_allowed, platform
 
 
 IMPLS = ("auto", "megablox", "ragged_dot", "blocked", "looped")
@@ -53,7 +53,7 @@ def resolve_impl(impl: str) -> str:
     """'auto' -> 'megablox' on TPU, 'looped' on CPU, 'blocked' on GPU."""
     if impl != "auto":
         return impl
-    return {"tpu": "megablox", "cpu": "looped"}.get(jax.default_backend(), "blocked")
+    return {"tpu": "megablox", "cpu": "looped"}.get(platform(), "blocked")
 
 
 def grouped_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, *, impl: str,
@@ -99,9 +99,9 @@ def megablox_swiglu(x_AD, group_sizes_R, w_gate_RDF, w_up_RDF, w_down_RFD, *,
     """SwiGLU of every group with the megablox Pallas kernel (TPU; `interpret` runs it in the
     Pallas interpreter, for tests on CPU). Rows are padded to whole tiles; rows past
     sum(group_sizes) give 0."""
-    if not interpret and jax.default_backend() != "tpu":
+    if not interpret and platform() != "tpu":
         raise ValueError(f"grouped matmul 'megablox' runs only on TPU (the backend is "
-                         f"{jax.default_backend()!r}); use 'auto'")
+                         f"{platform()!r}); use 'auto'")
     from jax.experimental.pallas.ops.tpu import megablox  # Pallas TPU ops: loaded when used
 
     a, d = x_AD.shape

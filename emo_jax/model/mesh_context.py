@@ -1,13 +1,20 @@
-"""The device mesh the model is traced under, as the model sees it.
+"""The device mesh and the platform the model is traced for, as the model sees them.
 
 Training and evaluation trace the model under `jax.set_mesh(mesh)`; the few places whose math
 must run per device (routing, expert dispatch, Pallas kernels that XLA cannot partition) ask
 `ambient_mesh` whether to wrap themselves in `jax.shard_map` over the batch axes. The axis names
 equal `emo_jax.parallel`'s (the model cannot import it: it sits above the model).
+
+`platform()` is the backend the model's 'auto' choices (grouped matmul, attention, expert
+dispatch) and kernel checks are made for: `jax.default_backend()`, unless a caller compiles
+ahead of time for another one (`emo_jax.plan` for a TPU topology from a CPU host) and says so
+with `compiling_for(platform)`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -15,6 +22,23 @@ from jax.sharding import AxisType
 
 EXPERT_AXIS = "expert"
 BATCH_AXES = ("data", "fsdp", "expert")
+
+_TARGET_PLATFORM = contextvars.ContextVar("emo_jax_target_platform", default=None)
+
+
+def platform() -> str:
+    """'cpu' | 'gpu' | 'tpu': the backend the model is traced for (module docstring)."""
+    return _TARGET_PLATFORM.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(target: str):
+    """Inside, `platform()` is `target`: tracing for ahead-of-time compilation elsewhere."""
+    token = _TARGET_PLATFORM.set(target)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
 
 
 def ambient_mesh(rows: int):

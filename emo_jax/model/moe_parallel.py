@@ -42,7 +42,8 @@ from jax.sharding import PartitionSpec as P
 
 from emo_jax.model import experts, routing
 from emo_jax.model.grouped_matmul import grouped_swiglu, resolve_impl
-from emo_jax.model.mesh_context import BATCH_AXES, EXPERT_AXIS, ambient_mesh
+from emo_jax.model.mesh_context import (BATCH_AXES, EXPERT_AXIS, ambient_mesh,
+                                        platform)
 
 DISPATCHES = ("auto", "capacity", "ragged")
 _RAGGED_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
@@ -79,12 +80,12 @@ def resolve_dispatch(dispatch: str) -> str:
     """'auto' -> 'ragged' where the backend implements ragged_all_to_all, else 'capacity'."""
     if dispatch not in DISPATCHES:
         raise ValueError(f"moe.dispatch is {dispatch!r}; valid: {', '.join(DISPATCHES)}")
-    native = jax.default_backend() in _RAGGED_BACKENDS
+    native = platform() in _RAGGED_BACKENDS
     if dispatch == "auto":
         return "ragged" if native else "capacity"
     if dispatch == "ragged" and not native and _ragged_all_to_all is jax.lax.ragged_all_to_all:
         raise ValueError(f"moe.dispatch='ragged' needs ragged_all_to_all, which the "
-                         f"{jax.default_backend()!r} backend does not implement; use 'capacity' "
+                         f"{platform()!r} backend does not implement; use 'capacity' "
                          f"or 'auto'")
     return dispatch
 

@@ -18,13 +18,13 @@ only device description does not expose it) or, for local devices, `memory_stats
 (GPU, TPU) or the host RAM shared by the local devices (CPU). Model FLOPs per step come from the
 model summary (XLA's cost_analysis counts one scan body and one micro-batch only).
 
-While tracing for a TPU target, `jax.default_backend()` reports 'tpu', so every 'auto' choice
-of the model (grouped matmul, attention, expert dispatch) is the one the pod will make.
+While tracing for a TPU target the model is told so (`mesh_context.compiling_for`), so every
+'auto' choice of the model (grouped matmul, attention, expert dispatch) is the one the pod will
+make.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -37,6 +37,7 @@ import ml_collections
 from emo_jax import parallel
 from emo_jax.config import ConfigError
 from emo_jax.data.packing import opening_eos
+from emo_jax.model import mesh_context
 from emo_jax.model.model_config import ModelConfig
 from emo_jax.model.summary import summarize
 from emo_jax.train import step as step_lib
@@ -167,20 +168,6 @@ def local_target(hbm_gb: float | None = None) -> Target:
                   source)
 
 
-@contextlib.contextmanager
-def _backend_reported_as(platform: str):
-    """`jax.default_backend()` returns `platform` inside (the model's 'auto' choices read it)."""
-    original = jax.default_backend
-    if platform == original():
-        yield
-        return
-    jax.default_backend = lambda: platform
-    try:
-        yield
-    finally:
-        jax.default_backend = original
-
-
 _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
                 "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
                 "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
@@ -233,7 +220,7 @@ def make_plan(config, target: Target) -> dict:
     parallel.check_batch(config, mesh)
     parallel.check_experts(config, mesh)
     summary = summarize(ModelConfig.from_config(config), config.data.seq_len)
-    with _backend_reported_as(target.platform):
+    with mesh_context.compiling_for(target.platform):
         graphdef, abstract, shardings = step_lib.abstract_state(config, mesh)
         start = time.perf_counter()
         compiled = step_lib.make_train_step(config, graphdef, shardings, mesh).compile(abstract)
