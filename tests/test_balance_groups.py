@@ -1,7 +1,7 @@
 """`moe.balance_group_rows`: strided balance groups of the global batch, independent of the
 micro-batching. A group of the whole step is the 'global' scope, a group of one micro-batch the
-'micro_batch' scope (loss, metrics and gradients), on one device and on a mesh; and the loss of
-a group size does not depend on how many micro-batches the step is split into."""
+'micro_batch' scope (loss, metrics and gradients); one-row groups are the 'sequence' scope; and
+the loss of a group size does not depend on how many micro-batches the step is split into."""
 
 from __future__ import annotations
 
@@ -84,9 +84,9 @@ def _assert_same(a, b, grads=True):
             np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
 
 
-@pytest.mark.parametrize("devices", [1, 2])
-def test_whole_step_group_is_global_and_micro_batch_group_is_micro_batch(devices):
-    micro = 4
+def test_whole_step_group_is_global_and_micro_batch_group_is_micro_batch():
+    """On a 2-device mesh (the one-device path: test_one_row_groups_are_the_sequence_scope)."""
+    micro, devices = 4, 2
     _assert_same(_run(_config(micro, group_rows=ROWS, devices=devices), devices),
                  _run(_config(micro, "global", devices=devices), devices))
     _assert_same(_run(_config(micro, group_rows=ROWS // micro, devices=devices), devices),
@@ -105,7 +105,9 @@ def test_group_loss_does_not_depend_on_micro_batches():
 
 
 def test_one_row_groups_are_the_sequence_scope():
-    _assert_same(_run(_config(2, group_rows=1), 2), _run(_config(1, "sequence"), 2), grads=False)
+    """On one device."""
+    _assert_same(_run(_config(2, group_rows=1, devices=1), 1),
+                 _run(_config(1, "sequence", devices=1), 1), grads=False)
 
 
 def test_groups_are_strided_rows():

@@ -56,8 +56,16 @@ def data_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chain(workdir, data_file, tmp_path_factory):
-    """Every tool once; returns the directory holding their outputs and their results."""
-    d = tmp_path_factory.mktemp("modular_cli")
+    """Every tool once (once per session: the xdist workers share it); returns the directory
+    holding their outputs and their results."""
+    d = th.shared_once(tmp_path_factory, "modular_cli_chain",
+                       lambda path: _run_chain(path, workdir, data_file))
+    saved = json.loads((d / "results.json").read_text())
+    return d, {name: subprocess.CompletedProcess(r["args"], r["returncode"], r["stdout"],
+                                                 r["stderr"]) for name, r in saved.items()}
+
+
+def _run_chain(d, workdir, data_file):
     ck = f"--checkpoint={workdir}"
     results = run_all({
         "select_data": ["emo_jax.select", ck, f"--data={data_file}", "--keep=5",
@@ -93,7 +101,9 @@ def chain(workdir, data_file, tmp_path_factory):
         "generate_budget": ["emo_jax.generate", f"--checkpoint={d}/budget", *greedy],
         "generate_from_prompt": ["emo_jax.generate", ck, "--subset_from_prompt=4", *greedy],
     }))
-    return d, results
+    (d / "results.json").write_text(json.dumps({
+        name: {"args": r.args, "returncode": r.returncode, "stdout": r.stdout,
+               "stderr": r.stderr} for name, r in results.items()}))
 
 
 def test_select_and_compose_write_valid_subsets(chain):

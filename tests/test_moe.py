@@ -123,7 +123,7 @@ def test_expert_rows_scale_with_assignments_not_experts():
     seg = jnp.ones((4, tokens // 4), jnp.int32)
     x = jnp.asarray(rng.normal(size=(4, tokens // 4, 16)).astype(np.float32))
     rows = {}
-    for experts in (8, 16, 32, 64):
+    for experts in (8, 64):
         layer, _ = make_layer(experts, 0, "blocked", top_k=top_k)
         _, stats, _ = nnx.jit(lambda layer, x: layer(x, seg, None))(layer, x)
         rows[experts] = float(stats.rows_processed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,26 @@ def step_records(workdir) -> dict[int, dict]:
 
 def losses(workdir) -> dict[int, tuple[float, int]]:
     return {s: (r["loss"], r["data_crc32"]) for s, r in step_records(workdir).items()}
+
+
+def shared_once(tmp_path_factory, name: str, make):
+    """A directory `make(path)` fills once per test session, shared by the xdist workers (the
+    first to come makes it under a lock, the others wait for it and reuse it)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one basetemp per worker, under a shared root
+        root = root.parent
+    path = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (path / "DONE").exists():
+                shutil.rmtree(path, ignore_errors=True)  # the remains of a failed attempt
+                path.mkdir(parents=True)
+                make(path)
+                (path / "DONE").write_text("ok")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return path
 
 
 def reference_run(tmp_path_factory) -> str:
