@@ -89,8 +89,10 @@ def quiet_logging():
     Without --verbosity, Orbax's own log records (the tracebacks it logs from its background
     threads when a save or restore fails) are dropped too, as are the "Event loop is closed"
     tracebacks that TensorStore callbacks print after a failed Orbax operation: every such
-    failure reaches emo_jax as an exception and is reported in one line. Pass --verbosity=0
-    (or higher) to see them.
+    failure reaches emo_jax as an exception and is reported in one line. So are the "Exception
+    ignored in: <coroutine ...>" tracebacks of Orbax's other array reads when one read of an
+    unreadable checkpoint fails (the restore is abandoned, and its pending reads are collected
+    later). Pass --verbosity=0 (or higher) to see them.
     """
     if flags.FLAGS["verbosity"].present:
         return
@@ -120,6 +122,9 @@ def quiet_logging():
         if (isinstance(unraisable.exc_value, RuntimeError)
                 and str(unraisable.exc_value) == "Event loop is closed"):
             return
+        where = getattr(unraisable.object, "cr_code", None)
+        if where is not None and f"{os.sep}orbax{os.sep}" in where.co_filename:
+            return  # a pending read of an abandoned Orbax restore, already reported
         previous_unraisable(unraisable)
 
     sys.unraisablehook = unraisablehook
