@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from emo_jax.model import cross_entropy, decode
+from emo_jax.modular.runtime import prompt_ids
 
 try:  # the harness is an optional extra
     from lm_eval.api.model import LM as _HarnessLM
@@ -128,6 +129,7 @@ class Scorer:
         self.max_gen_toks = int(max_gen_toks)
         self.mask = None if expert_mask_LR is None else jnp.asarray(expert_mask_LR, bool)
         self.prefix_id = int(tokenizer.eos_id)
+        self.boundary = boundary
         self.opens_with_eos = boundary == "eos_opens"
         self._state = nnx.state(model)
         self._score = _score_fn(model)
@@ -243,9 +245,7 @@ class Scorer:
             max_new = max(1, min(max_new, self.seq_len - 1))
             if kwargs.get("do_sample") or float(kwargs.get("temperature", 0) or 0) > 0:
                 _log.warning("emo_jax decodes greedily; sampling options %s ignored", kwargs)
-            prompt = list(self.tokenizer.encode(context))
-            if self.opens_with_eos or not prompt:
-                prompt = [self.prefix_id] + prompt
+            prompt = prompt_ids(self.tokenizer, context, self.boundary) or [self.prefix_id]
             prompt = prompt[-(self.seq_len - max_new):]
             jobs.setdefault((len(prompt), max_new), []).append((i, prompt, until))
         out = [""] * len(requests)

@@ -44,7 +44,7 @@ from absl import logging
 
 from emo_jax import storage
 from emo_jax.config import SHAPE_KEYS, ConfigError
-from emo_jax.model.model_config import ModelConfig
+from emo_jax.model.model_config import ModelConfig, expert_counts
 
 FORMAT = "emo_jax.subset"
 FORMAT_VERSION = 1
@@ -133,14 +133,6 @@ class Subset:
                             digest, router_digest(model))
 
 
-def _shape_fields(shape: dict) -> dict:
-    """ModelConfig fields of a subset's model shape (the rest at neutral values): enough for
-    the per-layer expert counts."""
-    fields = {f.name: None for f in dataclasses.fields(ModelConfig)}
-    fields.update({key.split(".")[1]: value for key, value in shape.items()})
-    return fields
-
-
 def _fail(where: str, problem: str):
     raise SubsetError(f"{where} is not a valid subset file: {problem}")
 
@@ -169,8 +161,11 @@ def from_json(obj: dict, *, where: str = "subset") -> Subset:
         _fail(where, f"'layers' must list the kept experts of each of the "
                      f"{shape['model.num_layers']} layers")
     try:
-        layer_routed = ModelConfig(**_shape_fields(shape)).layer_routed()
-    except (TypeError, ValueError):
+        layer_routed = [n - shared for n in expert_counts(
+            shape["moe.experts_per_layer"], shape["moe.num_experts"], shape["model.num_layers"])]
+        if len(layer_routed) != len(layers):
+            raise ValueError("one count per layer")
+    except (AttributeError, TypeError, ValueError):
         _fail(where, f"'model.shape' has an invalid moe.experts_per_layer "
                      f"{shape.get('moe.experts_per_layer')!r}")
     keeps = keep if isinstance(keep, list) else [keep] * len(layers)

@@ -108,7 +108,10 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    from train_helpers import FAST_COMPILE  # this script's folder is on sys.path
+
+    os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={args.devices} "
+                               f"{FAST_COMPILE}")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     from emo_jax import parallel

@@ -27,6 +27,9 @@ BASE_ARGS = [
     "--config.train.eval_batches=1",
 ]
 CACHE = os.path.join(tempfile.gettempdir(), f"emo_jax_test_jax_cache_{os.getuid()}")
+# Tests check what is computed, not how fast: XLA's backend optimisation passes off cut the CPU
+# compile time of the suite by about a third (conftest.py sets it for in-process tests too).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def cli_env(devices: int | None = 8) -> dict:
@@ -35,7 +38,7 @@ def cli_env(devices: int | None = 8) -> dict:
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", PYTHONUNBUFFERED="1")
     if devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
     return env
 
 

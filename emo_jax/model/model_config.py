@@ -18,6 +18,14 @@ def _section(name: str):
     return dataclasses.field(metadata={"section": name})
 
 
+def expert_counts(experts_per_layer: str, num_experts: int, num_layers: int) -> tuple[int, ...]:
+    """Experts of each layer, shared ones included, from `moe.experts_per_layer` ('' means
+    num_experts in every layer). Raises ValueError on a count that is not an integer."""
+    if not experts_per_layer:
+        return (num_experts,) * num_layers
+    return tuple(int(n) for n in experts_per_layer.split(","))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and compute settings of one EMO Transformer (meanings: emo_jax/config.py)."""
@@ -66,9 +74,7 @@ class ModelConfig:
     def layer_experts(self) -> tuple[int, ...]:
         """Experts of each layer, shared ones included: `experts_per_layer`, or num_experts in
         every layer when it is ''."""
-        if not self.experts_per_layer:
-            return (self.num_experts,) * self.num_layers
-        return tuple(int(n) for n in self.experts_per_layer.split(","))
+        return expert_counts(self.experts_per_layer, self.num_experts, self.num_layers)
 
     @property
     def ragged(self) -> bool:

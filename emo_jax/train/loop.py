@@ -281,6 +281,8 @@ class _Run:
     def save(self, step_number: int):
         meta = {"summary": self.summary, "process_count": jax.process_count(),
                 "mesh": dict(self.mesh.shape), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.flush()  # this step's record, and every earlier one, are durable with its checkpoint
+        self.writer.sync()
         self.checkpointer.save(step_number, self.state, self.feed.get_state(), meta)
 
     def evaluate(self, step_number: int):

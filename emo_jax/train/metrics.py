@@ -14,7 +14,9 @@ when log_every is 1):
   throughput: tokens_per_s (all B x S positions, padding included: the compute spent),
   tflops_per_device (= flops_per_token x tokens/s / devices, flops_per_token from
   emo_jax/model/summary.py) and mfu (against the device's peak, table below), step_time_s.
-Evaluation records carry `eval_loss` and `eval_perplexity`.
+Evaluation records carry `eval_loss` and `eval_perplexity`. A local metrics.jsonl is flushed
+at every record; one on object storage (gs://), which cannot append, is uploaded whole at most
+every OBJECT_UPLOAD_EVERY_S seconds and at every event record.
 
 Console: an updating one-line progress bar (step, loss, tokens/s, ETA) when stdout is a TTY,
 otherwise one plain line per logged step.
@@ -31,6 +33,8 @@ import jax
 import numpy as np
 
 from emo_jax import storage
+
+OBJECT_UPLOAD_EVERY_S = 30.0
 
 # Peak dense bfloat16 matmul TFLOP/s of one device (one chip, or one GPU), by a substring of
 # jax's `device_kind`, most specific first. Sources: the vendors' spec sheets (dense, no
@@ -116,23 +120,37 @@ class Throughput:
 
 class _ObjectLog:
     """metrics.jsonl on object storage, which cannot append: the whole file is kept in memory
-    (what an earlier run wrote, then this run's lines) and uploaded again at every flush, so
-    a killed run loses nothing flushed (the loop flushes every record)."""
+    (what an earlier run wrote, then this run's lines) and uploaded again: at most every
+    `upload_every_s` for step records, and at once for events (start, resume, preemption,
+    done), checkpoints and close. A killed run loses only records of steps after its newest
+    checkpoint, which the resumed run logs again; the upload, which grows with the file, costs
+    the loop at most once per interval."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, upload_every_s: float):
         self.path = path
+        self.upload_every_s = upload_every_s
         self.text = storage.read_text(path) if storage.exists(path) else ""
         if self.text and not self.text.endswith("\n"):
             self.text += "\n"
+        self.pending = False
+        self.uploaded_at = -math.inf
 
     def write(self, text: str):
         self.text += text
+        self.pending = True
 
     def flush(self):
-        storage.write_text(self.path, self.text)
+        if time.monotonic() - self.uploaded_at >= self.upload_every_s:
+            self.upload()
+
+    def upload(self):
+        if self.pending:
+            storage.write_text(self.path, self.text)
+            self.pending = False
+            self.uploaded_at = time.monotonic()
 
     def close(self):
-        self.flush()
+        self.upload()
 
 
 class MetricWriter:
@@ -152,7 +170,7 @@ class MetricWriter:
         storage.makedirs(workdir)
         path = storage.join(workdir, "metrics.jsonl")
         if storage.is_remote(path):
-            self.jsonl = _ObjectLog(path)
+            self.jsonl = _ObjectLog(path, OBJECT_UPLOAD_EVERY_S)
         else:
             self.jsonl = open(path, "a", encoding="utf-8")
         try:  # deferred: optional at run time (see below), and only process 0 writes
@@ -170,6 +188,14 @@ class MetricWriter:
         """A non-metric record (start, resume, preemption, stop) in metrics.jsonl."""
         if self.active:
             self._write(dict(fields, step=step, time=time.time()))
+            self.sync()
+
+    def sync(self):
+        """Makes every record written so far durable: a local metrics.jsonl is flushed at each
+        record already; one on object storage is uploaded now (the loop calls this with every
+        checkpoint, so the records of the steps a resume will not repeat are never lost)."""
+        if isinstance(self.jsonl, _ObjectLog):
+            self.jsonl.upload()
 
     def _write(self, record: dict):
         self.jsonl.write(json.dumps(record, sort_keys=True) + "\n")
