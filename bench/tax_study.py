@@ -109,7 +109,8 @@ def run_setting(name, args, data):
 def write_markdown(path, results, args, seconds):
     fr = args.fractions
     lines = [f"Command: `python bench/tax_study.py {' '.join(sys.argv[1:])}`  ",
-             f"Wall time: {seconds / 60:.1f} min. Held-out loss in nats per token, mean over "
+             f"Wall time of this command: {seconds / 60:.1f} min (settings finished before are "
+             "reused, not run again). Held-out loss in nats per token, mean over "
              "domains; tax = EMO full / standard full - 1; +f = loss increase of the layerwise "
              "subset keeping fraction f of the experts (chosen from one training document per "
              "domain).", "",
