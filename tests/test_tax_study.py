@@ -31,3 +31,5 @@ def test_table_has_the_tax_and_the_subset_increases(tmp_path):
     text = (tmp_path / "t.md").read_text()
     assert ("| baseline | 1000 | 1.0390 | 1.0000 | +3.90% | +0.030 | +0.450 | +0.100 | +0.690 "
             "| 0.14 |") in text
+    tax_study.plot(tmp_path / "t.png", results, args.fractions)
+    assert (tmp_path / "t.png").stat().st_size > 1000
