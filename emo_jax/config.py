@@ -159,6 +159,12 @@ def default_config() -> ml_collections.ConfigDict:
     s.expert = 1  # expert-parallel axis size (must divide the routed experts)
     # Logical parameter axis -> mesh axis ('' = replicated; 'a,b' = several mesh axes). Every
     # parameter names its axes (see emo_jax/model/layers.py); changing a layout is an edit here.
+    # A mesh axis splits at most one axis of a parameter: the first in its layout whose rule
+    # names it (emo_jax/model/mesh_context.py, logical_spec). So with 'embed' and 'expert_mlp' on
+    # 'fsdp', expert gate/up [E, D, F] split along d_model and expert down [E, F, D] along the
+    # hidden axis: no expert weight is split along its minor axis, which a TPU pads to 128 lanes
+    # (v5p-128 plan of configs/emo_1b14b.py: 11.17 GiB of temporaries per chip with the down
+    # projection split along d_model, 10.07 GiB along its hidden axis).
     s.rules = ml_collections.ConfigDict({
         "vocab": "",  # embedding / output-head vocabulary axis
         "embed": "fsdp",  # d_model axis of every weight matrix
@@ -168,9 +174,9 @@ def default_config() -> ml_collections.ConfigDict:
         "norm": "",  # RMSNorm scales
         "router": "",  # router output axis (routed experts)
         "expert": "expert",  # stacked routed experts
-        "expert_mlp": "",  # an expert's hidden axis
+        "expert_mlp": "fsdp",  # an expert's hidden axis (taken by expert down projections)
         "shared": "",  # stacked shared experts (and the shared router's output axis)
-        "mlp": "",  # a shared expert's hidden axis
+        "mlp": "fsdp",  # a shared expert's hidden axis (taken by its down projection)
         "layers": "",  # the stacked-layer axis of scanned blocks
     })
 

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from emo_jax.config import ConfigError, routed_experts
+from emo_jax.model.mesh_context import logical_spec
 
 MESH_AXES = ("data", "fsdp", "expert")
 BATCH_AXES = MESH_AXES  # the batch rows are split over every mesh axis
@@ -66,16 +67,6 @@ def check_experts(config, mesh):
             f"over the 'expert' mesh axis of size {ep} (mesh.expert); use a divisor of {routed}")
 
 
-def logical_to_spec(logical_axes, rules) -> P:
-    """PartitionSpec for a parameter from its logical axis names and the config rules."""
-    parts = []
-    for name in logical_axes:
-        target = rules.get(name, "") if name is not None else ""
-        axes = tuple(a for a in str(target).split(",") if a)
-        parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return P(*parts)
-
-
 def variable_spec(variable: nnx.Variable, rules) -> P:
     """Spec of one NNX Variable; stacked layers add a leading 'layers' axis."""
     axes = variable.get_metadata().get("logical_axes")
@@ -87,7 +78,7 @@ def variable_spec(variable: nnx.Variable, rules) -> P:
         axes = ("layers",) + axes
     if ndim != len(axes):
         raise ValueError(f"parameter of shape {variable.get_value().shape} has logical axes {axes}")
-    return logical_to_spec(axes, rules)
+    return logical_spec(axes, rules)
 
 
 def state_shardings(state, mesh, config):

@@ -19,6 +19,7 @@ from emo_jax.model import moe_parallel, routing
 
 E, K, D, F = 8, 2, 16, 24
 T_LOCAL = 16  # tokens per device
+RULES = dict(default_config().mesh.rules)
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # tiny programs run once; see test_parallel
 ON_ACCELERATOR = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
 
@@ -151,11 +152,11 @@ def test_ragged_dispatch_is_dropless_and_matches_one_device(mesh_shape,
     idx, w = skewed_routing(rng, 8 * T_LOCAL)
     ws = weights(rng)
     mesh = mesh_of(mesh_shape)
-    # The d_model axis of the expert weights sharded over 'fsdp' (the default rules): gathered
-    # within each expert shard.
-    specs = tuple(moe_parallel.weight_spec(axes, {"embed": "fsdp"}) for axes in (
+    # The default rules: gate/up split along d_model, down along the hidden axis, over 'fsdp'
+    # (never the minor axis); gathered within each expert shard.
+    specs = tuple(moe_parallel.weight_spec(axes, RULES) for axes in (
         ("expert", "embed", "expert_mlp"),) * 2 + (("expert", "expert_mlp", "embed"),))
-    assert specs[0] == P("expert", "fsdp", None) and specs[2] == P("expert", None, "fsdp")
+    assert specs[0] == P("expert", "fsdp", None) and specs[2] == P("expert", "fsdp", None)
 
     y, rows, dropped = sharded_call(mesh, x, idx, w, ws, specs, dispatch="ragged")
     y_ref, rows_ref = experts.dispatch_local(x, idx, w, *ws, impl="ragged_dot", block_size=4,
@@ -309,8 +310,11 @@ def test_megablox_runs_per_device_and_matches_one_device(monkeypatch):
     idx, w = skewed_routing(rng, 8 * T_LOCAL)
     ws = weights(rng)
     mesh = mesh_of((2, 4, 1))
+    # d_model split everywhere (the layout before the default rules split down projections
+    # along their hidden axis): both layouts gather correctly.
     specs = tuple(moe_parallel.weight_spec(axes, {"embed": "fsdp"}) for axes in (
         ("expert", "embed", "expert_mlp"),) * 2 + (("expert", "expert_mlp", "embed"),))
+    assert specs[2] == P("expert", None, "fsdp")
     cos = jnp.cos(jnp.arange(D, dtype=jnp.float32))
 
     def loss(x, w, wg, wu, wd, sharded):

@@ -137,14 +137,16 @@ def test_mesh_matches_single_device(mesh_shape, single_device):
                                    err_msg=str(path))
 
     # Parameters really are laid out as the rules say (default: experts on 'expert', the
-    # d_model axis on 'fsdp'): check the spec and the shape of what each device holds.
+    # d_model axis on 'fsdp', but the hidden axis for down projections, whose minor axis is
+    # d_model): check the spec and the shape of what each device holds.
     data, fsdp, expert = mesh_shape
     blocks = dict(nnx.to_flat_state(state))
     w_gate = blocks[("blocks", "moe", "w_gate")][...]  # [L, E, D, F]
     assert w_gate.sharding.spec == P(None, "expert", "fsdp", None)
     assert w_gate.addressable_shards[0].data.shape == (2, 8 // expert, 32 // fsdp, 48)
     w_down = blocks[("blocks", "moe", "w_down")][...]  # [L, E, F, D]
-    assert w_down.addressable_shards[0].data.shape == (2, 8 // expert, 48, 32 // fsdp)
+    assert w_down.sharding.spec == P(None, "expert", "fsdp", None)
+    assert w_down.addressable_shards[0].data.shape == (2, 8 // expert, 48 // fsdp, 32)
     wq = blocks[("blocks", "attn", "wq")][...]  # [L, D, H, Dh]
     assert wq.addressable_shards[0].data.shape == (2, 32 // fsdp, 2, 16)
     embed = blocks[("embed",)][...]

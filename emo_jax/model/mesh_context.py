@@ -18,10 +18,28 @@ import contextvars
 import math
 
 import jax
-from jax.sharding import AxisType
+from jax.sharding import AxisType, PartitionSpec as P
 
 EXPERT_AXIS = "expert"
 BATCH_AXES = ("data", "fsdp", "expert")
+
+def logical_spec(logical_axes, rules, taken=()) -> P:
+    """The PartitionSpec of a parameter from its logical axis names and `mesh.rules` (logical
+    name -> comma-joined mesh axes, '' replicated).
+
+    A mesh axis splits at most one axis of a parameter: the first, in the parameter's layout,
+    whose rule names it (and none in `taken`). With 'embed' and 'expert_mlp' both on 'fsdp', an
+    expert's gate and up projections ([E, D, F]) are split along d_model and its down projection
+    ([E, F, D]) along its hidden axis, so no expert weight is split along its last (minor) axis.
+    """
+    used, parts = set(taken), []
+    for name in logical_axes:
+        target = rules.get(name, "") if name is not None else ""
+        axes = tuple(a for a in str(target).split(",") if a and a not in used)
+        used.update(axes)
+        parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*parts)
+
 
 _TARGET_PLATFORM = contextvars.ContextVar("emo_jax_target_platform", default=None)
 

@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 from emo_jax.model import experts, routing
 from emo_jax.model.grouped_matmul import grouped_swiglu, resolve_impl
 from emo_jax.model.mesh_context import (BATCH_AXES, EXPERT_AXIS, ambient_mesh,
-                                        platform)
+                                        logical_spec, platform)
 
 DISPATCHES = ("auto", "capacity", "ragged")
 _RAGGED_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
@@ -99,16 +99,10 @@ def capacity(tokens: int, top_k: int, num_experts: int, factor: float) -> int:
 
 
 def weight_spec(logical_axes, rules) -> P:
-    """in_spec of a stacked-expert weight: 'expert' on the leading axis, the rest from `rules`.
-
-    `rules` maps logical axis names to comma-joined mesh axes (config.mesh.rules).
-    """
-    rules = dict(rules)
-    parts = [EXPERT_AXIS]
-    for name in tuple(logical_axes)[1:]:
-        axes = tuple(a for a in str(rules.get(name, "")).split(",") if a and a != EXPERT_AXIS)
-        parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return P(*parts)
+    """in_spec of a stacked-expert weight: 'expert' on the leading axis, the rest from `rules`
+    (config.mesh.rules) as `logical_spec` resolves them."""
+    return P(EXPERT_AXIS, *logical_spec(tuple(logical_axes)[1:], dict(rules),
+                                        taken=(EXPERT_AXIS,)))
 
 
 def _gather_within_expert_shard(w, spec: P, mesh):
