@@ -163,8 +163,7 @@ def default_config() -> ml_collections.ConfigDict:
     # names it (emo_jax/model/mesh_context.py, logical_spec). So with 'embed' and 'expert_mlp' on
     # 'fsdp', expert gate/up [E, D, F] split along d_model and expert down [E, F, D] along the
     # hidden axis: no expert weight is split along its minor axis, which a TPU pads to 128 lanes
-    # (v5p-128 plan of configs/emo_1b14b.py: 11.17 GiB of temporaries per chip with the down
-    # projection split along d_model, 10.07 GiB along its hidden axis).
+    # (docs/RESULTS.md §3.2).
     s.rules = ml_collections.ConfigDict({
         "vocab": "",  # embedding / output-head vocabulary axis
         "embed": "fsdp",  # d_model axis of every weight matrix
