@@ -23,6 +23,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 EXPERT_AXIS = "expert"
 BATCH_AXES = ("data", "fsdp", "expert")
 
+
 def logical_spec(logical_axes, rules, taken=()) -> P:
     """The PartitionSpec of a parameter from its logical axis names and `mesh.rules` (logical
     name -> comma-joined mesh axes, '' replicated).
