@@ -13,12 +13,13 @@ overrides is trained and measured once and shared. Finished runs and measurement
 so an interrupted study resumes.
 
 Writes `tax_study.json`, `tax_study.md` and `tax_study.png` into --out: per setting, the
-full-model held-out loss of both models (mean over domains), the tax (EMO / standard - 1), and
-the loss increase of the chosen subsets at each fraction (default 25% and 12.5%) for both
-models; the figure puts each setting at (tax, EMO's increase at the smallest fraction / the
-standard MoE's). The bar for adopting a setting in configs/small.py: a lower tax, with EMO's
-12.5% increase at most a third of the standard MoE's; the goal is a tax of at most 3% on the
-bundled corpus.
+full-model held-out loss of both models (mean over domains), the tax (EMO / standard - 1), the
+loss increase of the chosen subsets at each fraction (default 25% and 12.5%) for both models,
+and how many experts per layer got no token in a training step (mean of the last 10 logged
+steps; ~0 when the balance holds). The figure puts each setting at (tax, EMO's increase at the
+smallest fraction / the standard MoE's). The bar for adopting a setting in configs/small.py: a
+lower tax, EMO's 12.5% increase at most a third of the standard MoE's, and every expert still
+in use; the goal is a tax of at most 3% on the bundled corpus.
 
 The pool schedule studied is "no pool for the last part of training" (`moe.pool_off_fraction`).
 """
@@ -89,6 +90,18 @@ def _measured(path, variant, run_args, data):
     return rows
 
 
+def unused_experts(workdir, last=10) -> float:
+    """Experts per layer that got no assignment in a step: the mean over the layers and the last
+    `last` logged steps of a training workdir's metrics.jsonl (NaN without such records)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return float("nan")
+    with open(path) as f:
+        counts = [json.loads(line).get("unused_experts") for line in f if line.strip()]
+    counts = [c for c in counts if c][-last:]
+    return sum(sum(c) / len(c) for c in counts) / len(counts) if counts else float("nan")
+
+
 def run_setting(name, args, data):
     both, emo_only, steps = SETTINGS[name] if name in SETTINGS else args.custom[name]
     steps = steps or args.steps
@@ -107,6 +120,8 @@ def run_setting(name, args, data):
             "tax": emo["full"] / std["full"] - 1.0,
             "emo_increase": {f: emo[f"chosen_{f}"] for f in args.fractions},
             "standard_increase": {f: std[f"chosen_{f}"] for f in args.fractions},
+            "emo_unused": unused_experts(os.path.join(emo_dir, "emo")),
+            "standard_unused": unused_experts(os.path.join(std_dir, "standard")),
             "rows": rows}
 
 
@@ -117,11 +132,12 @@ def write_markdown(path, results, args, seconds):
              "reused, not run again). Held-out loss in nats per token, mean over "
              "domains; tax = EMO full / standard full - 1; +f = loss increase of the layerwise "
              "subset keeping fraction f of the experts (chosen from one training document per "
-             "domain).", "",
+             "domain); unused experts = experts per layer with no token in a training step "
+             "(mean of the last 10 logged steps).", "",
              "| setting | steps | EMO full | standard full | tax | "
              + " | ".join(f"EMO +{f:.1%} | std +{f:.1%}" for f in fr) + " | EMO/std at "
-             f"{fr[-1]:.1%} |",
-             "|---|---|---|---|---|" + "---|---|" * len(fr) + "---|"]
+             f"{fr[-1]:.1%} | unused experts EMO / std |",
+             "|---|---|---|---|---|" + "---|---|" * len(fr) + "---|---|"]
     for r in results:
         last = fr[-1]
         ratio = r["emo_increase"][last] / r["standard_increase"][last] if (
@@ -130,7 +146,8 @@ def write_markdown(path, results, args, seconds):
             f"| {r['setting']} | {r['steps']} | {r['emo_full']:.4f} | {r['standard_full']:.4f} | "
             f"{r['tax']:+.2%} | " + " | ".join(
                 f"{r['emo_increase'][f]:+.3f} | {r['standard_increase'][f]:+.3f}" for f in fr)
-            + f" | {ratio:.2f} |")
+            + f" | {ratio:.2f} | {r.get('emo_unused', float('nan')):.1f} / "
+            f"{r.get('standard_unused', float('nan')):.1f} |")
     lines += ["", "Settings (overrides of both models; of EMO only):", ""]
     for r in results:
         lines.append(f"- `{r['setting']}`: {' '.join(r['both']) or '-'}; "

@@ -3,6 +3,7 @@ three small models, minutes on a CPU: run `python bench/tax_study.py --out=DIR
 --settings=baseline,pool8 --steps=20 --smoke --max_eval_docs=3` by hand)."""
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +27,21 @@ def test_table_has_the_tax_and_the_subset_increases(tmp_path):
     results = [{"setting": "baseline", "steps": 1000, "both": [], "emo_only": [],
                 "emo_full": 1.039, "standard_full": 1.0, "tax": 0.039,
                 "emo_increase": {0.25: 0.03, 0.125: 0.1},
-                "standard_increase": {0.25: 0.45, 0.125: 0.69}}]
+                "standard_increase": {0.25: 0.45, 0.125: 0.69},
+                "emo_unused": 0.25, "standard_unused": 0.0}]
     tax_study.write_markdown(tmp_path / "t.md", results, args, 60.0)
     text = (tmp_path / "t.md").read_text()
     assert ("| baseline | 1000 | 1.0390 | 1.0000 | +3.90% | +0.030 | +0.450 | +0.100 | +0.690 "
-            "| 0.14 |") in text
+            "| 0.14 | 0.2 / 0.0 |") in text
     tax_study.plot(tmp_path / "t.png", results, args.fractions)
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_unused_experts_averages_the_last_logged_steps(tmp_path):
+    lines = [{"step": 0, "event": "start"}] + [
+        {"step": s, "unused_experts": [s, 0.0]} for s in range(1, 13)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    # the last 10 steps (3..12), each the mean over its 2 layers
+    assert tax_study.unused_experts(str(tmp_path)) == sum(s / 2 for s in range(3, 13)) / 10
+    assert tax_study.unused_experts(str(tmp_path / "none")) != tax_study.unused_experts(
+        str(tmp_path / "none"))  # NaN without metrics
