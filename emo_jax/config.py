@@ -77,7 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
     # experts), a pool schedule that lets the full model settle; 0 = pools throughout.
     e.pool_off_fraction = 0.0
     e.eval_pool = 0  # fixed pool size when not training; 0 = no pool (plain top-k)
-    e.balance_weight = 0.1  # total load-balance loss weight, split evenly over layers
+    # total load-balance loss weight, split evenly over layers; at 0.01 an EMO model leaves
+    # about a fifth of its experts idle in a step (docs/RESULTS.md §10)
+    e.balance_weight = 0.1
     e.router_z_weight = 0.001  # total router z-loss weight, split evenly over layers
     # Over what the balance statistics are summed before the loss is formed:
     # 'global' (whole global batch, all micro-batches of a step), 'micro_batch' (each
