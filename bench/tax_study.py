@@ -41,7 +41,7 @@ from emo_jax.data import read_documents  # noqa: E402
 
 # name -> (overrides of both models, overrides of EMO only, steps or None = --steps).
 SETTINGS = {
-    "baseline": ([], [], None),
+    "baseline": ([], [], None),  # pools of 4..32 (STUDY_BASE_EMO)
     # Balance groups: configs/small.py balances over the whole 16-row step ('global'); smaller
     # groups show how much the group size matters (4 rows ~ the reference's per-GPU share).
     "group4": (["--config.moe.balance_group_rows=4"], [], None),
@@ -62,6 +62,12 @@ SETTINGS = {
     "reference_conventions": (["--config.data.boundary=eos_opens",
                                "--config.model.init=truncated_normal"], [], None),
 }
+
+
+# The study's settings vary configs/small.py as it stood when the study began, with pools of
+# 4..32 experts (its default is now 6..32, the `pool6` setting): EMO's runs start from these
+# overrides, and a setting's own come after them.
+STUDY_BASE_EMO = ["--config.moe.pool_min=4"]
 
 
 def _key(overrides) -> str:
@@ -111,7 +117,8 @@ def run_setting(name, args, data):
     os.makedirs(std_dir, exist_ok=True)
     with open(os.path.join(std_dir, "overrides.json"), "w") as f:
         json.dump({"steps": steps, "overrides": common}, f, indent=1)
-    rows = _measured(emo_dir, "emo", _run_args(args, emo_dir, steps, [*common, *emo_only]), data)
+    rows = _measured(emo_dir, "emo", _run_args(args, emo_dir, steps,
+                                               [*common, *STUDY_BASE_EMO, *emo_only]), data)
     rows += _measured(std_dir, "standard", _run_args(args, std_dir, steps, common), data)
     table = replicate.summarise(rows, args.fractions)
     emo, std = table["emo"], table["standard"]

@@ -4,7 +4,7 @@ on 2 cores).
     python -m emo_jax.train --config=configs/small.py --workdir=/tmp/emo_small
 
 Byte-level, d_model 128, 4 layers, 32 routed experts of hidden 128, top-4, document pools of
-4..32 experts, 256-byte rows, batch 16, AdamW 3e-3, 1,000 steps on the bundled corpus. The
+6..32 experts, 256-byte rows, batch 16, AdamW 3e-3, 1,000 steps on the bundled corpus. The
 standard-MoE twin of the same size: add `--config.moe.pool=none`.
 """
 
@@ -23,7 +23,7 @@ def get_config(arg=None):
     c.moe.num_shared_experts = 0
     c.moe.top_k = 4
     c.moe.expert_hidden = 128
-    c.moe.pool_min = 4
+    c.moe.pool_min = 6  # 4 (= top_k) before: a lower tax, the same subsets (docs/RESULTS.md §10)
     c.moe.pool_max = 32
     c.data.seq_len = 256
     c.data.batch_size = 16
