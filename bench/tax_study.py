@@ -132,6 +132,12 @@ def run_setting(name, args, data):
             "rows": rows}
 
 
+def subset_ratio(result, fraction) -> float:
+    """EMO's loss increase at `fraction` as a share of the standard MoE's (NaN if that is 0)."""
+    std = result["standard_increase"][fraction]
+    return result["emo_increase"][fraction] / std if std else float("nan")
+
+
 def write_markdown(path, results, args, seconds):
     fr = args.fractions
     lines = [f"Command: `python bench/tax_study.py {' '.join(sys.argv[1:])}`  ",
@@ -146,9 +152,7 @@ def write_markdown(path, results, args, seconds):
              f"{fr[-1]:.1%} | unused experts EMO / std |",
              "|---|---|---|---|---|" + "---|---|" * len(fr) + "---|---|"]
     for r in results:
-        last = fr[-1]
-        ratio = r["emo_increase"][last] / r["standard_increase"][last] if (
-            r["standard_increase"][last]) else float("nan")
+        ratio = subset_ratio(r, fr[-1])
         lines.append(
             f"| {r['setting']} | {r['steps']} | {r['emo_full']:.4f} | {r['standard_full']:.4f} | "
             f"{r['tax']:+.2%} | " + " | ".join(
@@ -174,8 +178,7 @@ def plot(path, results, fractions):
     last = fractions[-1]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for r in results:
-        std = r["standard_increase"][last]
-        ratio = r["emo_increase"][last] / std if std else float("nan")
+        ratio = subset_ratio(r, last)
         ax.plot(100 * r["tax"], ratio, "o")
         ax.annotate(r["setting"], (100 * r["tax"], ratio), fontsize=7, xytext=(4, 2),
                     textcoords="offset points")
