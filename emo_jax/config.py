@@ -92,7 +92,8 @@ def default_config() -> ml_collections.ConfigDict:
     # a group equal to a micro-batch, B equals 'global'); each group gets its own balance loss
     # and the losses are averaged over the K groups. Must divide data.batch_size and divide or
     # be a multiple of the rows of one micro-batch; needs moe.balance_scope='global'.
-    # The reference reduces over 512 rows (lb_global_batch_size).
+    # The reference reduces over 512 rows (lb_global_batch_size). Small groups make a standard
+    # MoE worse and an EMO model more modular (docs/RESULTS.md §10).
     e.balance_group_rows = 0
     # Local grouped expert matmul, all dropless: 'auto' (megablox on TPU, looped on CPU,
     # blocked on GPU), 'megablox' (the Pallas TPU grouped-matmul kernel), 'ragged_dot',
