@@ -15,7 +15,9 @@ so an interrupted study resumes.
 Writes `tax_study.json`, `tax_study.md` and `tax_study.png` into --out: per setting, the
 full-model held-out loss of both models (mean over domains), the tax (EMO / standard - 1), the
 tax against the best standard MoE the study trained for as many steps (a setting that changes
-both models cannot lower that one by making the standard MoE worse), the loss increase of the chosen subsets at each fraction (default 25% and 12.5%) for both models,
+both models cannot lower that one by making the standard MoE worse), the tax of the last
+evaluation each training run logged (token-weighted, where the study weights domains equally),
+the loss increase of the chosen subsets at each fraction (default 25% and 12.5%) for both models,
 and how many experts per layer got no token in a training step (mean of the last 10 logged
 steps; ~0 when the balance holds). The figure puts each setting at (tax, EMO's increase at the
 smallest fraction / the standard MoE's). The bar for adopting a setting in configs/small.py: a
@@ -109,6 +111,19 @@ def unused_experts(workdir, last=10) -> float:
     return sum(sum(c) / len(c) for c in counts) / len(counts) if counts else float("nan")
 
 
+def logged_eval_loss(workdir) -> float:
+    """The last `eval_loss` a training workdir logged (NaN without one): the training-time
+    evaluation, which counts each held-out token of its batches once, so it weights the domains
+    by their tokens where the study's own measurement weights them equally."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return float("nan")
+    with open(path) as f:
+        losses = [json.loads(line).get("eval_loss") for line in f if line.strip()]
+    losses = [v for v in losses if v is not None]
+    return losses[-1] if losses else float("nan")
+
+
 def run_setting(name, args, data):
     both, emo_only, steps = SETTINGS[name] if name in SETTINGS else args.custom[name]
     steps = steps or args.steps
@@ -130,6 +145,8 @@ def run_setting(name, args, data):
             "standard_increase": {f: std[f"chosen_{f}"] for f in args.fractions},
             "emo_unused": unused_experts(os.path.join(emo_dir, "emo")),
             "standard_unused": unused_experts(os.path.join(std_dir, "standard")),
+            "logged_tax": (logged_eval_loss(os.path.join(emo_dir, "emo"))
+                           / logged_eval_loss(os.path.join(std_dir, "standard")) - 1.0),
             "rows": rows}
 
 
@@ -157,19 +174,21 @@ def write_markdown(path, results, args, seconds):
              "reused, not run again). Held-out loss in nats per token, mean over "
              "domains; tax = EMO full / standard full - 1 (the setting's own standard MoE); "
              "vs best std = EMO full / the lowest standard full of the study at the same steps "
-             "- 1; +f = loss increase of the layerwise "
+             "- 1; logged tax = the same from the last evaluation training logged (each "
+             "held-out token of its batches counted once); +f = loss increase of the layerwise "
              "subset keeping fraction f of the experts (chosen from one training document per "
              "domain); unused experts = experts per layer with no token in a training step "
              "(mean of the last 10 logged steps).", "",
-             "| setting | steps | EMO full | standard full | tax | vs best std | "
+             "| setting | steps | EMO full | standard full | tax | vs best std | logged tax | "
              + " | ".join(f"EMO +{f:.1%} | std +{f:.1%}" for f in fr) + " | EMO/std at "
              f"{fr[-1]:.1%} | unused experts EMO / std |",
-             "|---|---|---|---|---|---|" + "---|---|" * len(fr) + "---|---|"]
+             "|---|---|---|---|---|---|---|" + "---|---|" * len(fr) + "---|---|"]
     for r in results:
         ratio = subset_ratio(r, fr[-1])
         lines.append(
             f"| {r['setting']} | {r['steps']} | {r['emo_full']:.4f} | {r['standard_full']:.4f} | "
-            f"{r['tax']:+.2%} | {r['tax_vs_best_standard']:+.2%} | " + " | ".join(
+            f"{r['tax']:+.2%} | {r['tax_vs_best_standard']:+.2%} | {r['logged_tax']:+.2%} | "
+            + " | ".join(
                 f"{r['emo_increase'][f]:+.3f} | {r['standard_increase'][f]:+.3f}" for f in fr)
             + f" | {ratio:.2f} | {r.get('emo_unused', float('nan')):.1f} / "
             f"{r.get('standard_unused', float('nan')):.1f} |")
