@@ -99,15 +99,21 @@ def _measured(path, variant, run_args, data):
     return rows
 
 
+def _logged(workdir, key) -> list:
+    """The values of `key` in a training workdir's metrics.jsonl, in order (records without it
+    are left out; empty without the file)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        values = [json.loads(line).get(key) for line in f if line.strip()]
+    return [v for v in values if v is not None]
+
+
 def unused_experts(workdir, last=10) -> float:
     """Experts per layer that got no assignment in a step: the mean over the layers and the last
     `last` logged steps of a training workdir's metrics.jsonl (NaN without such records)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return float("nan")
-    with open(path) as f:
-        counts = [json.loads(line).get("unused_experts") for line in f if line.strip()]
-    counts = [c for c in counts if c][-last:]
+    counts = [c for c in _logged(workdir, "unused_experts") if c][-last:]
     return sum(sum(c) / len(c) for c in counts) / len(counts) if counts else float("nan")
 
 
@@ -115,12 +121,7 @@ def logged_eval_loss(workdir) -> float:
     """The last `eval_loss` a training workdir logged (NaN without one): the training-time
     evaluation, which counts each held-out token of its batches once, so it weights the domains
     by their tokens where the study's own measurement weights them equally."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return float("nan")
-    with open(path) as f:
-        losses = [json.loads(line).get("eval_loss") for line in f if line.strip()]
-    losses = [v for v in losses if v is not None]
+    losses = _logged(workdir, "eval_loss")
     return losses[-1] if losses else float("nan")
 
 
